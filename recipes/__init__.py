@@ -1,0 +1,1 @@
+"""Training recipes, one module per dataset x supervision: ``python -m recipes.<name>``."""
