@@ -1,0 +1,27 @@
+"""The Gated CRF loss (Obukhov et al., arXiv:1906.04651): exact, memory-lean, 2D and 3D.
+
+Public API:
+
+- :class:`GatedCRFLoss` (``nn.Module``) and its functional twin :func:`gated_crf_loss`;
+- :class:`ModelLossSemsegGatedCRF`, a drop-in for the published class;
+- :func:`gaussian_affinity` and :func:`kernels_vis` to look at the kernels;
+- :func:`choose_backend` / :func:`available_backends` ("torch" everywhere, "triton" on CUDA).
+
+Importing this package needs only torch; the Triton backend is imported lazily when chosen.
+"""
+
+from gcrf.loss.affinity import gaussian_affinity, kernels_vis
+from gcrf.loss.backends import available_backends, choose_backend
+from gcrf.loss.functional import gated_crf_loss
+from gcrf.loss.module import GatedCRFLoss
+from gcrf.loss.published import ModelLossSemsegGatedCRF
+
+__all__ = [
+    "GatedCRFLoss",
+    "ModelLossSemsegGatedCRF",
+    "available_backends",
+    "choose_backend",
+    "gated_crf_loss",
+    "gaussian_affinity",
+    "kernels_vis",
+]

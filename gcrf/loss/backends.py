@@ -1,0 +1,175 @@
+"""Backend selection for the Gated CRF core (NATTEN style).
+
+Two backends implement docs/CONTRACTS.md §1:
+
+- ``"torch"``: :mod:`gcrf.loss.torch_backend`, any device, spatial rank 2 and 3, always available.
+- ``"triton"``: ``gcrf.kernels.gated_crf`` (fused kernels), needs CUDA (or ``TRITON_INTERPRET=1``,
+  Triton's CPU interpreter, which is for tests only) and a spatial rank in its
+  ``SUPPORTED_SPATIAL_RANKS``.
+
+``backend="auto"`` picks ``"triton"`` when it can run on the given tensors and falls back to
+``"torch"`` otherwise, logging the reason at debug level. An explicitly requested backend that cannot
+run raises ``ValueError`` with the reason: nothing falls back silently when asked for by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable
+from types import ModuleType
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from gcrf.loss import torch_backend
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BACKENDS", "BackendStatus", "available_backends", "choose_backend", "get_backend"]
+
+#: Backend names in order of preference for ``backend="auto"``.
+BACKENDS: tuple[str, ...] = ("triton", "torch")
+_TORCH_RANKS: tuple[int, ...] = (2, 3)
+
+
+class BackendStatus(NamedTuple):
+    """Whether a backend can run, and why not when it cannot."""
+
+    name: str
+    usable: bool
+    reason: str
+
+
+# Result of the lazy import, kept so that later calls (and torch.compile traces, which cannot run
+# importlib) only read a dict.
+_TRITON_IMPORT: dict[str, tuple[ModuleType | None, str]] = {}
+
+
+def _import_triton_backend() -> tuple[ModuleType | None, str]:
+    """Import ``gcrf.kernels.gated_crf`` lazily; return (module, '') or (None, why it failed)."""
+    if "result" not in _TRITON_IMPORT:
+        try:
+            module = importlib.import_module("gcrf.kernels.gated_crf")
+        except Exception as error:  # ImportError, but also a broken Triton install raising
+            why = f"cannot import gcrf.kernels.gated_crf ({type(error).__name__}: {error})"
+            _TRITON_IMPORT["result"] = (None, why)
+        else:
+            _TRITON_IMPORT["result"] = (module, "")
+    return _TRITON_IMPORT["result"]
+
+
+def _debug(message: str, *args: object) -> None:
+    # Logging is a side effect torch.compile cannot trace; the choice is the same either way.
+    if not torch.compiler.is_compiling():
+        logger.debug(message, *args)
+
+
+def _triton_status(probs: Tensor | None, spatial_rank: int | None) -> BackendStatus:
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if probs is not None and not probs.is_cuda and not interpreted:
+        return BackendStatus(
+            "triton",
+            False,
+            f"tensors are on {probs.device}; the Triton backend needs CUDA tensors "
+            "(or TRITON_INTERPRET=1, Triton's CPU interpreter, for testing)",
+        )
+    if probs is None and not torch.cuda.is_available() and not interpreted:
+        return BackendStatus("triton", False, "no CUDA device (and TRITON_INTERPRET is not 1)")
+    module, why = _import_triton_backend()
+    if module is None:
+        return BackendStatus("triton", False, why)
+    ranks = tuple(getattr(module, "SUPPORTED_SPATIAL_RANKS", ()))
+    if spatial_rank is not None and spatial_rank not in ranks:
+        return BackendStatus(
+            "triton", False, f"spatial rank {spatial_rank} is not supported (supports {ranks})"
+        )
+    return BackendStatus("triton", True, "")
+
+
+def _torch_status(spatial_rank: int | None) -> BackendStatus:
+    if spatial_rank is not None and spatial_rank not in _TORCH_RANKS:
+        return BackendStatus(
+            "torch",
+            False,
+            f"spatial rank {spatial_rank} is not supported (supports {_TORCH_RANKS})",
+        )
+    return BackendStatus("torch", True, "")
+
+
+def available_backends(
+    probs: Tensor | None = None, spatial_rank: int | None = None
+) -> list[BackendStatus]:
+    """Say for every backend whether it can run, and why not.
+
+    Args:
+        probs: the probabilities the loss would run on (their device matters), or None to ask about
+            this machine in general.
+        spatial_rank: 2 (images) or 3 (volumes), or None for any.
+
+    Returns:
+        One :class:`BackendStatus` per backend, in order of preference.
+
+    Example:
+        >>> [s.name for s in available_backends() if s.usable]
+        ['torch']
+    """
+    return [_triton_status(probs, spatial_rank), _torch_status(spatial_rank)]
+
+
+def choose_backend(backend: str, probs: Tensor, spatial_rank: int) -> str:
+    """Resolve ``backend`` ("auto", "triton" or "torch") to a backend that can run on ``probs``.
+
+    Args:
+        backend: the requested backend.
+        probs: the class probabilities (device decides).
+        spatial_rank: 2 or 3.
+
+    Returns:
+        ``"triton"`` or ``"torch"``.
+
+    Raises:
+        ValueError: unknown name, or an explicitly requested backend that cannot run (with why).
+
+    Example:
+        >>> choose_backend("auto", torch.rand(1, 2, 4, 4), 2)
+        'torch'
+    """
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be one of 'auto', 'triton', 'torch'; got {backend!r}")
+    if backend == "auto":
+        # "auto" only picks Triton for CUDA tensors: the interpreter is far too slow for real work.
+        if not probs.is_cuda:
+            _debug("backend 'auto': using 'torch' (probs are on %s, not CUDA)", probs.device)
+            return "torch"
+        status = _triton_status(probs, spatial_rank)
+        if status.usable:
+            return "triton"
+        _debug("backend 'auto': using 'torch' (triton unusable: %s)", status.reason)
+        return "torch"
+    status = (
+        _triton_status(probs, spatial_rank) if backend == "triton" else _torch_status(spatial_rank)
+    )
+    if not status.usable:
+        raise ValueError(f"backend={backend!r} cannot run: {status.reason}")
+    return backend
+
+
+def preload_backends() -> None:
+    """Import the Triton backend now when CUDA is present (so compiled code only reads a cache)."""
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        _import_triton_backend()
+
+
+def get_backend(name: str) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    """The ``(gated_crf_pairwise_sum, window_affinity)`` pair of a resolved backend name."""
+    if name == "triton":
+        module, why = _import_triton_backend()
+        if module is None:
+            raise ValueError(f"backend='triton' cannot run: {why}")
+        return module.gated_crf_pairwise_sum, module.window_affinity
+    if name == "torch":
+        return torch_backend.gated_crf_pairwise_sum, torch_backend.window_affinity
+    raise ValueError(f"backend must be 'triton' or 'torch'; got {name!r}")

@@ -1,0 +1,535 @@
+"""The Gated CRF loss as a function: validation, resizing, feature preparation, D, dispatch.
+
+DESIGN §1 is the specification. This module turns user inputs (probabilities at the prediction
+resolution, feature modalities and masks at the image resolution, kernel descriptors) into the
+prepared tensors of the backend contract (docs/CONTRACTS.md §1), calls the chosen backend for the
+pairwise sum S and divides by D.
+
+Positions. The position modality (``"xy"`` for images, ``"xyz"`` for volumes) is never passed by the
+user: its distance depends only on the offset between two pixels, so it becomes a per-kernel,
+per-axis scale. Without ``spacing``, positions are in prediction pixels (the published convention):
+an offset of δ pixels along an axis is δ/σ_xy. With ``spacing`` (physical size of one *input*
+voxel per axis, in tensor axis order), one prediction voxel spans ``spacing · ratio`` where ``ratio``
+is the input/prediction size ratio of that axis, and the offset becomes δ · spacing · ratio / σ_xy,
+so σ_xy is in the same physical unit as ``spacing`` (e.g. mm).
+
+Under ``torch.compile`` the value-dependent checks (non-finite features, negative or non-zero-diagonal
+compatibility) are skipped, since they would force a graph break; shape, dtype and device checks
+always run. Everything else is identical.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gcrf.loss.backends import choose_backend, get_backend
+
+__all__ = [
+    "POSITION_KEYS",
+    "Downsampler",
+    "KernelDescriptor",
+    "gated_crf_loss",
+]
+
+#: Name of the position modality per spatial rank.
+POSITION_KEYS: dict[int, str] = {2: "xy", 3: "xyz"}
+#: A kernel descriptor: ``{"weight": w, "xy": σ_xy, "rgb": σ_rgb, ...}``.
+KernelDescriptor = Mapping[str, float]
+#: A downsampler: ``f(tensor N×D×*S_in, size tuple) -> N×D×*size``, e.g. ``F.adaptive_max_pool2d``.
+Downsampler = Callable[[Tensor, tuple[int, ...]], Tensor]
+
+_PROBS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_compiling() -> bool:
+    return bool(torch.compiler.is_compiling())
+
+
+def _describe(tensor: Tensor) -> str:
+    return f"shape {tuple(tensor.shape)}, dtype {tensor.dtype}, device {tensor.device}"
+
+
+class _Kernel(NamedTuple):
+    """A validated kernel descriptor."""
+
+    weight: float
+    position_key: str | None
+    position_sigma: float
+    modalities: tuple[tuple[str, float], ...]
+
+
+def _check_positive_number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a real number; got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be finite and > 0; got {value!r}")
+    return value
+
+
+def validate_kernels(kernels: Sequence[KernelDescriptor]) -> tuple[_Kernel, ...]:
+    """Check kernel descriptors and return them in a normalised form.
+
+    A descriptor is ``{"weight": w ≥ 0, "<modality>": σ > 0, ...}`` where the modality ``"xy"``
+    (``"xyz"`` for volumes) is the pixel position and every other name is a key of ``features``.
+    """
+    if (
+        isinstance(kernels, Mapping)
+        or not isinstance(kernels, Sequence)
+        or isinstance(kernels, str)
+    ):
+        raise TypeError(
+            "kernels must be a list of descriptors like [{'weight': 1.0, 'xy': 6, 'rgb': 0.1}]; "
+            f"got {type(kernels).__name__}"
+        )
+    if len(kernels) == 0:
+        raise ValueError("kernels must hold at least one descriptor; got an empty list")
+    result = []
+    for index, descriptor in enumerate(kernels):
+        where = f"kernels[{index}]"
+        if not isinstance(descriptor, Mapping):
+            raise TypeError(f"{where} must be a dict; got {type(descriptor).__name__}")
+        if "weight" not in descriptor:
+            raise ValueError(f"{where} has no 'weight'; got {dict(descriptor)!r}")
+        weight = descriptor["weight"]
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+            raise TypeError(f"{where}['weight'] must be a real number; got {weight!r}")
+        weight = float(weight)
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"{where}['weight'] must be finite and >= 0; got {weight!r}")
+        position_key = None
+        position_sigma = 0.0
+        modalities = []
+        for name, sigma in descriptor.items():
+            if name == "weight":
+                continue
+            if not isinstance(name, str):
+                raise TypeError(f"{where}: modality names must be strings; got {name!r}")
+            sigma = _check_positive_number(sigma, f"{where}[{name!r}] (σ)")
+            if name in POSITION_KEYS.values():
+                if position_key is not None:
+                    raise ValueError(
+                        f"{where} has two position terms {position_key!r} and {name!r}"
+                    )
+                position_key, position_sigma = name, sigma
+            else:
+                modalities.append((name, sigma))
+        if position_key is None and not modalities:
+            raise ValueError(f"{where} has no modality, only a weight; got {dict(descriptor)!r}")
+        result.append(_Kernel(weight, position_key, position_sigma, tuple(modalities)))
+    return tuple(result)
+
+
+def validate_radius(radius: Any) -> int:
+    """Check the window radius: an integer >= 1."""
+    if isinstance(radius, bool) or not isinstance(radius, numbers.Integral):
+        raise TypeError(f"radius must be an int >= 1; got {radius!r} ({type(radius).__name__})")
+    if radius < 1:
+        raise ValueError(f"radius must be an int >= 1; got {radius!r}")
+    return int(radius)
+
+
+def validate_spacing(spacing: Sequence[float] | None) -> tuple[float, ...] | None:
+    """Check the per-axis voxel spacing (positive finite numbers) or None."""
+    if spacing is None:
+        return None
+    if isinstance(spacing, str) or not isinstance(spacing, Sequence):
+        raise TypeError(f"spacing must be a sequence of numbers, one per axis; got {spacing!r}")
+    return tuple(_check_positive_number(s, f"spacing[{a}]") for a, s in enumerate(spacing))
+
+
+def validate_compatibility(compatibility: Tensor | None) -> Tensor | None:
+    """Check μ: a square, non-negative, zero-diagonal floating matrix (values skipped when compiling)."""
+    if compatibility is None:
+        return None
+    if not isinstance(compatibility, Tensor):
+        raise TypeError(
+            f"compatibility must be a C×C torch.Tensor or None; got {type(compatibility).__name__}"
+        )
+    if compatibility.dim() != 2 or compatibility.shape[0] != compatibility.shape[1]:
+        raise ValueError(f"compatibility must be a C×C matrix; got {_describe(compatibility)}")
+    if not compatibility.is_floating_point():
+        raise TypeError(f"compatibility must be a floating tensor; got {_describe(compatibility)}")
+    if compatibility.requires_grad:
+        raise ValueError("compatibility must not require grad; pass compatibility.detach()")
+    if not _is_compiling():
+        if not bool(torch.isfinite(compatibility).all()):
+            raise ValueError(f"compatibility has non-finite values: {compatibility.tolist()}")
+        if bool((compatibility < 0).any()):
+            raise ValueError(f"compatibility must be >= 0; got {compatibility.tolist()}")
+        if bool((compatibility.diagonal() != 0).any()):
+            raise ValueError(
+                f"compatibility must have a zero diagonal; got diagonal "
+                f"{compatibility.diagonal().tolist()}"
+            )
+    return compatibility
+
+
+def validate_downsamplers(
+    downsamplers: Mapping[str, Downsampler] | None,
+) -> dict[str, Downsampler]:
+    """Check the per-modality downsamplers (``"mask"`` applies to both masks)."""
+    if downsamplers is None:
+        return {}
+    if not isinstance(downsamplers, Mapping):
+        raise TypeError(
+            f"downsamplers must be a dict of modality -> callable; got {type(downsamplers).__name__}"
+        )
+    for name, function in downsamplers.items():
+        if not callable(function):
+            raise TypeError(f"downsamplers[{name!r}] must be callable; got {function!r}")
+    return dict(downsamplers)
+
+
+@dataclass(frozen=True)
+class PreparedInputs:
+    """Inputs of the backend contract (docs/CONTRACTS.md §1) plus the denominator D."""
+
+    probs: Tensor
+    features: Tensor
+    kernel_slices: tuple[tuple[int, int], ...]
+    kernel_weights: tuple[float, ...]
+    kernel_pos_scales: tuple[tuple[float, ...], ...]
+    radius: int
+    mask_src: Tensor | None
+    mask_dst: Tensor | None
+    compatibility: Tensor | None
+    denominator: Tensor
+
+
+def _check_probs(probs: Any) -> None:
+    if not isinstance(probs, Tensor):
+        raise TypeError(f"probs must be a torch.Tensor; got {type(probs).__name__}")
+    if probs.dtype not in _PROBS_DTYPES:
+        raise TypeError(
+            f"probs must be float16, bfloat16, float32 or float64 probabilities; got {_describe(probs)}"
+        )
+    if probs.dim() not in (4, 5):
+        raise ValueError(
+            "probs must be N×C×h×w (images) or N×C×d×h×w (volumes); "
+            f"got {probs.dim()} dimensions ({_describe(probs)})"
+        )
+    if min(probs.shape) < 1:
+        raise ValueError(f"probs must not be empty; got {_describe(probs)}")
+
+
+def _input_ratio(name: str, shape: tuple[int, ...], pred: tuple[int, ...]) -> tuple[int, ...]:
+    """Integer per-axis ratio input/prediction; images must keep the aspect ratio."""
+    ratios = []
+    for size_in, size_pred in zip(shape, pred, strict=True):
+        if size_in % size_pred != 0:
+            raise ValueError(
+                f"{name} spatial size {shape} must be an integer multiple of the prediction size "
+                f"{pred} on every axis"
+            )
+        ratios.append(size_in // size_pred)
+    if len(pred) == 2 and ratios[0] != ratios[1]:
+        raise ValueError(
+            f"{name} spatial size {shape} must have the aspect ratio of the prediction size {pred} "
+            f"(same integer factor on both axes); got factors {tuple(ratios)}"
+        )
+    return tuple(ratios)
+
+
+def _check_map(
+    name: str, tensor: Any, probs: Tensor, channels: int | None, allow_bool: bool = False
+) -> tuple[int, ...]:
+    """Shared checks of a feature map or mask; returns its input/prediction ratio."""
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
+    if not (tensor.is_floating_point() or (allow_bool and tensor.dtype == torch.bool)):
+        raise TypeError(f"{name} must be a floating tensor; got {_describe(tensor)}")
+    if tensor.dim() != probs.dim():
+        raise ValueError(
+            f"{name} must have {probs.dim()} dimensions like probs ({_describe(probs)}); "
+            f"got {_describe(tensor)}"
+        )
+    if tensor.shape[0] != probs.shape[0]:
+        raise ValueError(
+            f"{name} batch size {tensor.shape[0]} differs from probs' {probs.shape[0]}; "
+            f"got {_describe(tensor)}, probs {_describe(probs)}"
+        )
+    if channels is not None and tensor.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channel(s); got {_describe(tensor)}")
+    if tensor.device != probs.device:
+        raise ValueError(
+            f"{name} is on {tensor.device} but probs are on {probs.device}; move them to one device"
+        )
+    if tensor.requires_grad:
+        raise ValueError(
+            f"{name} requires grad, but the loss is not differentiated w.r.t. it; "
+            f"pass {name}.detach()"
+        )
+    return _input_ratio(name, tuple(tensor.shape[2:]), tuple(probs.shape[2:]))
+
+
+def _area_resize(tensor: Tensor, size: tuple[int, ...]) -> Tensor:
+    if tuple(tensor.shape[2:]) == size:
+        return tensor
+    if len(size) == 2:
+        return F.adaptive_avg_pool2d(tensor, size)
+    return F.adaptive_avg_pool3d(tensor, size)
+
+
+def _resize(
+    name: str,
+    tensor: Tensor,
+    size: tuple[int, ...],
+    downsampler: Downsampler | None,
+) -> Tensor:
+    """Resize to the prediction size: the custom downsampler if given, else area (average)."""
+    if downsampler is None:
+        return _area_resize(tensor, size)
+    out = downsampler(tensor, size)
+    expected = (*tensor.shape[:2], *size)
+    if not isinstance(out, Tensor) or tuple(out.shape) != expected:
+        got = _describe(out) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"downsamplers[{name!r}] must return shape {expected}; got {got}")
+    return out.to(tensor.dtype)
+
+
+def _prepare_mask(
+    name: str,
+    mask: Tensor | None,
+    probs: Tensor,
+    downsampler: Downsampler | None,
+) -> Tensor | None:
+    """Resize like a modality, NaN → 0, every value < 1 → 0, the rest → 1; float32."""
+    if mask is None:
+        return None
+    _check_map(name, mask, probs, channels=1, allow_bool=True)
+    size = tuple(probs.shape[2:])
+    # Binarise in at least float32 (float64 masks stay float64: 0.99999999 must not round to 1).
+    resized = mask.to(torch.float64 if mask.dtype == torch.float64 else torch.float32)
+    if tuple(mask.shape[2:]) != size:
+        resized = _resize("mask", resized, size, downsampler)
+    # NaN >= 1 is False, so NaN becomes 0 here too.
+    return torch.where(resized >= 1.0, 1.0, 0.0).to(torch.float32)
+
+
+def prepare_inputs(
+    probs: Tensor,
+    features: Mapping[str, Tensor],
+    kernels: tuple[_Kernel, ...],
+    radius: int,
+    mask_src: Tensor | None,
+    mask_dst: Tensor | None,
+    compatibility: Tensor | None,
+    downsamplers: Mapping[str, Downsampler],
+    spacing: tuple[float, ...] | None,
+) -> PreparedInputs:
+    """Validate the data tensors and build the backend inputs (configuration already validated)."""
+    _check_probs(probs)
+    spatial_rank = probs.dim() - 2
+    size = tuple(probs.shape[2:])
+    num_classes = probs.shape[1]
+    acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
+    position_key = POSITION_KEYS[spatial_rank]
+
+    if not isinstance(features, Mapping):
+        raise TypeError(
+            "features must be a dict of modality name -> N×D×H×W tensor, e.g. {'rgb': images}; "
+            f"got {type(features).__name__}"
+        )
+    if spacing is not None and len(spacing) != spatial_rank:
+        raise ValueError(
+            f"spacing must have one value per spatial axis ({spatial_rank} for probs of "
+            f"{_describe(probs)}); got {spacing!r}"
+        )
+
+    # Every modality used by a kernel: present, well-formed, one input size shared by all.
+    used: list[str] = []
+    for index, kernel in enumerate(kernels):
+        if kernel.position_key is not None and kernel.position_key != position_key:
+            raise ValueError(
+                f"kernels[{index}] uses the position term {kernel.position_key!r}, but probs have "
+                f"spatial rank {spatial_rank}: use {position_key!r}"
+            )
+        for name, _ in kernel.modalities:
+            if name not in features:
+                raise ValueError(
+                    f"kernels[{index}] uses modality {name!r}, which is not in features "
+                    f"(got keys {sorted(map(str, features))})"
+                )
+            if name not in used:
+                used.append(name)
+    input_shape: tuple[int, ...] | None = None
+    ratio: tuple[int, ...] = (1,) * spatial_rank
+    for name in used:
+        ratio = _check_map(f"features[{name!r}]", features[name], probs, channels=None)
+        shape = tuple(features[name].shape[2:])
+        if input_shape is not None and shape != input_shape:
+            raise ValueError(
+                f"all modalities must share one spatial size; features[{name!r}] has {shape}, "
+                f"{used[0]!r} has {input_shape}"
+            )
+        input_shape = shape
+    if input_shape is None:
+        # No feature maps: the input resolution is known from a mask if any, else it is the
+        # prediction resolution (then `spacing` is the size of a prediction voxel).
+        for name, mask in (("mask_src", mask_src), ("mask_dst", mask_dst)):
+            if isinstance(mask, Tensor) and mask.dim() == probs.dim():
+                ratio = _check_map(name, mask, probs, channels=1, allow_bool=True)
+                break
+
+    # Feature channels: for each kernel, each of its modalities divided by σ, concatenated.
+    resized: dict[str, Tensor] = {}
+    for name in used:
+        tensor = _resize(name, features[name].to(acc), size, downsamplers.get(name))
+        if not _is_compiling() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"features[{name!r}] has NaN or infinite values (after resizing to {size}); "
+                "replace them (e.g. torch.nan_to_num) before the loss"
+            )
+        resized[name] = tensor
+    chunks: list[Tensor] = []
+    slices: list[tuple[int, int]] = []
+    pos_scales: list[tuple[float, ...]] = []
+    start = 0
+    for kernel in kernels:
+        for name, sigma in kernel.modalities:
+            chunks.append(resized[name] / sigma)
+        stop = start + sum(resized[name].shape[1] for name, _ in kernel.modalities)
+        slices.append((start, stop))
+        start = stop
+        if kernel.position_key is None:
+            pos_scales.append((0.0,) * spatial_rank)
+        elif spacing is None:
+            pos_scales.append((1.0 / kernel.position_sigma,) * spatial_rank)
+        else:
+            pos_scales.append(
+                tuple(s * r / kernel.position_sigma for s, r in zip(spacing, ratio, strict=True))
+            )
+    if chunks:
+        prepared_features = torch.cat(chunks, dim=1).contiguous()
+    else:
+        prepared_features = probs.new_zeros((probs.shape[0], 0, *size), dtype=acc)
+
+    prepared_src = _prepare_mask("mask_src", mask_src, probs, downsamplers.get("mask"))
+    prepared_dst = _prepare_mask("mask_dst", mask_dst, probs, downsamplers.get("mask"))
+    # D rules (DESIGN §1.5): mask_dst wins over mask_src, which wins over N·|S|.
+    if prepared_dst is not None:
+        denominator = prepared_dst.sum(dtype=acc).clamp(min=1.0)
+    elif prepared_src is not None:
+        denominator = prepared_src.sum(dtype=acc).clamp(min=1.0)
+    else:
+        denominator = torch.tensor(float(math.prod(probs.shape[:1] + probs.shape[2:])), dtype=acc)
+        denominator = denominator.to(probs.device)
+
+    mu_hat = None
+    if compatibility is not None:
+        if tuple(compatibility.shape) != (num_classes, num_classes):
+            raise ValueError(
+                f"compatibility must be C×C = {num_classes}×{num_classes} for probs of "
+                f"{_describe(probs)}; got {_describe(compatibility)}"
+            )
+        mu = compatibility.detach().to(device=probs.device, dtype=acc)
+        row_sum = mu.sum(dim=1, keepdim=True)
+        # μ̂ = (C−1)·μ/rowsum(μ); an all-zero row (a class compatible with every other) stays zero.
+        mu_hat = torch.where(row_sum > 0, (num_classes - 1) * mu / row_sum.clamp(min=1e-30), 0.0)
+        mu_hat = mu_hat.contiguous()
+
+    return PreparedInputs(
+        probs=probs,
+        features=prepared_features,
+        kernel_slices=tuple(slices),
+        kernel_weights=tuple(k.weight for k in kernels),
+        kernel_pos_scales=tuple(pos_scales),
+        radius=radius,
+        mask_src=prepared_src,
+        mask_dst=prepared_dst,
+        compatibility=mu_hat,
+        denominator=denominator,
+    )
+
+
+def loss_from_prepared(prepared: PreparedInputs, backend: str) -> Tensor:
+    """S / D with the backend resolved from ``backend`` ("auto", "triton" or "torch")."""
+    name = choose_backend(backend, prepared.probs, prepared.probs.dim() - 2)
+    pairwise_sum, _ = get_backend(name)
+    total = pairwise_sum(
+        prepared.probs,
+        prepared.features,
+        prepared.kernel_slices,
+        prepared.kernel_weights,
+        prepared.kernel_pos_scales,
+        prepared.radius,
+        prepared.mask_src,
+        prepared.mask_dst,
+        prepared.compatibility,
+    )
+    return total / prepared.denominator.to(total.dtype)
+
+
+def gated_crf_loss(
+    probs: Tensor,
+    features: Mapping[str, Tensor],
+    kernels: Sequence[KernelDescriptor],
+    radius: int = 5,
+    mask_src: Tensor | None = None,
+    mask_dst: Tensor | None = None,
+    compatibility: Tensor | None = None,
+    downsamplers: Mapping[str, Downsampler] | None = None,
+    spacing: Sequence[float] | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Gated CRF loss (Obukhov et al., arXiv:1906.04651), exact, with memory O(N·C·|S|).
+
+    ``L = (1/D) Σ_n Σ_i Σ_{j ∈ W(i)} G_ij K_ij φ(y_i, y_j)`` with ``φ = 1 − ⟨y_i, y_j⟩`` (Potts) or
+    ``y_iᵀ μ̂ y_j``, ``μ̂ = (C−1)·μ/rowsum(μ)``; ``W(i)`` the (2r+1)^k window around ``i`` without
+    ``i`` and without out-of-image pixels; ``G_ij = m_dst(i)·m_src(j)``;
+    ``K_ij = Σ_k w_k exp(−½‖F_k(i) − F_k(j)‖²)``. ``D = N·|S|``, or ``max(1, Σ m_src)`` with
+    ``mask_src``, or ``max(1, Σ m_dst)`` with ``mask_dst`` (which wins). See DESIGN §1.
+
+    Args:
+        probs: class probabilities (softmax output) at the prediction resolution; the only input
+            the loss is differentiated with respect to.
+        features: modality name → feature map at the image resolution, e.g. ``{"rgb": images}``.
+            Each is resized to the prediction resolution (area by default). Must not require grad.
+            Keys not used by any kernel are ignored. ``"xy"``/``"xyz"`` is built internally.
+        kernels: descriptors ``[{"weight": 1.0, "xy": 6.0, "rgb": 0.1}, ...]``: weight ``w_k ≥ 0``
+            and one σ > 0 per modality; the kernel's feature vector is each modality divided by σ.
+        radius: window radius r ≥ 1 (window (2r+1)^k).
+        mask_src: gate of the neighbour j, N×1×H×W (float or bool): resized, NaN → 0, < 1 → 0.
+        mask_dst: gate of the centre i, like ``mask_src``.
+        compatibility: μ (C×C, non-negative, zero diagonal) or None for Potts. Moved to probs'
+            device.
+        downsamplers: modality name → ``f(tensor, size)`` replacing area resizing for that modality
+            (``"mask"`` for both masks).
+        spacing: physical size of one input voxel per axis (tensor axis order); positions are then
+            in physical units. Without it they are in prediction pixels (the published convention).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`gcrf.loss.choose_backend`).
+
+    Shape:
+        probs: N×C×h×w or N×C×d×h×w. features[m]: N×D_m×H×W (N×D_m×D×H×W), integer multiples of
+        the prediction size (images: same factor on both axes). masks: N×1×(same as features or
+        prediction size).
+
+    Returns:
+        0-dim tensor (float32; float64 for float64 probs).
+
+    Example:
+        >>> images = torch.rand(2, 3, 64, 64)
+        >>> probs = torch.softmax(torch.randn(2, 5, 16, 16), dim=1)
+        >>> loss = gated_crf_loss(probs, {"rgb": images}, [{"weight": 1, "xy": 6, "rgb": 0.1}], 5)
+    """
+    prepared = prepare_inputs(
+        probs,
+        features,
+        validate_kernels(kernels),
+        validate_radius(radius),
+        mask_src,
+        mask_dst,
+        validate_compatibility(compatibility),
+        validate_downsamplers(downsamplers),
+        validate_spacing(spacing),
+    )
+    return loss_from_prepared(prepared, backend)

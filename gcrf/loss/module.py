@@ -1,0 +1,108 @@
+"""``GatedCRFLoss``: the Gated CRF loss as an ``nn.Module`` (configuration in, data to forward)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from torch import Tensor, nn
+
+from gcrf.loss.backends import BACKENDS, preload_backends
+from gcrf.loss.functional import (
+    Downsampler,
+    KernelDescriptor,
+    loss_from_prepared,
+    prepare_inputs,
+    validate_compatibility,
+    validate_downsamplers,
+    validate_kernels,
+    validate_radius,
+    validate_spacing,
+)
+
+__all__ = ["GatedCRFLoss"]
+
+
+class GatedCRFLoss(nn.Module):
+    """Gated CRF loss (Obukhov et al., arXiv:1906.04651), exact and memory-lean.
+
+    The configuration is validated once here; ``forward`` takes the data. The definition, the
+    masks and the denominator are those of :func:`gcrf.loss.gated_crf_loss` (DESIGN §1).
+
+    Args:
+        kernels: descriptors ``[{"weight": 1.0, "xy": 6.0, "rgb": 0.1}, ...]``; ``"xy"`` (``"xyz"``
+            for volumes) is the pixel position, every other key names a tensor of ``features``.
+        radius: window radius r ≥ 1.
+        compatibility: class compatibility μ (C×C, ≥ 0, zero diagonal), or None for Potts. Kept
+            as a buffer (moves with ``.to(device)``).
+        downsamplers: modality name → ``f(tensor, size)`` replacing area resizing (``"mask"`` for
+            the masks).
+        spacing: physical size of one input voxel per axis, tensor axis order; None: positions in
+            prediction pixels.
+        backend: ``"auto"`` (Triton on CUDA when available, else PyTorch), ``"triton"``, ``"torch"``.
+
+    Shape:
+        probs: N×C×h×w or N×C×d×h×w; features[m]: N×D_m×H×W (or ×D×H×W), integer multiples of
+        the prediction size; masks: N×1×(input or prediction size). Output: scalar.
+
+    Example:
+        >>> loss_fn = GatedCRFLoss([{"weight": 1.0, "xy": 6.0, "rgb": 0.1}], radius=5)
+        >>> images = torch.rand(2, 3, 64, 64)
+        >>> probs = torch.softmax(torch.randn(2, 21, 16, 16, requires_grad=True), dim=1)
+        >>> loss = loss_fn(probs, {"rgb": images}, mask_src=torch.ones(2, 1, 64, 64))
+        >>> loss.backward()
+    """
+
+    def __init__(
+        self,
+        kernels: Sequence[KernelDescriptor],
+        radius: int = 5,
+        compatibility: Tensor | None = None,
+        downsamplers: Mapping[str, Downsampler] | None = None,
+        spacing: Sequence[float] | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self._kernels = validate_kernels(kernels)
+        self._kernels_desc = [dict(k) for k in kernels]
+        self.radius = validate_radius(radius)
+        compatibility = validate_compatibility(compatibility)
+        self.register_buffer(
+            "compatibility",
+            None if compatibility is None else compatibility.detach().clone(),
+            persistent=False,
+        )
+        self.downsamplers = validate_downsamplers(downsamplers)
+        self.spacing = validate_spacing(spacing)
+        if backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend must be one of 'auto', 'triton', 'torch'; got {backend!r}")
+        self.backend = backend
+        if backend != "torch":
+            preload_backends()
+
+    def forward(
+        self,
+        probs: Tensor,
+        features: Mapping[str, Tensor],
+        mask_src: Tensor | None = None,
+        mask_dst: Tensor | None = None,
+    ) -> Tensor:
+        """Loss value (0-dim; float32, float64 for float64 probs), differentiable w.r.t. probs."""
+        prepared = prepare_inputs(
+            probs,
+            features,
+            self._kernels,
+            self.radius,
+            mask_src,
+            mask_dst,
+            self.compatibility,
+            self.downsamplers,
+            self.spacing,
+        )
+        return loss_from_prepared(prepared, self.backend)
+
+    def extra_repr(self) -> str:
+        return (
+            f"kernels={self._kernels_desc}, radius={self.radius}, "
+            f"compatibility={'None' if self.compatibility is None else 'C×C'}, "
+            f"spacing={self.spacing}, backend={self.backend!r}"
+        )

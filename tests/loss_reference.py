@@ -1,0 +1,249 @@
+"""Naive float64 references of the Gated CRF loss (DESIGN §1, docs/CONTRACTS.md §1), for tests only.
+
+Written to be obviously right rather than fast: every pixel, every neighbour of its window, explicit
+coordinates. Only tiny shapes. The pair weights ``W[n, i, j] = G_ij K_ij`` are built by the loop;
+the loss is then ``Σ W φ(y_i, y_j)`` in float64 torch ops, so autograd gives the reference gradient.
+
+- :func:`naive_pairwise_sum` / :func:`naive_window_affinity`: the backend contract, same arguments.
+- :func:`naive_gated_crf_loss`: the whole loss from user-level inputs (dict of modalities, kernel
+  descriptors, masks at the image resolution, spacing), sharing no code with ``gcrf.loss``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+POSITION_KEYS = {2: "xy", 3: "xyz"}
+
+
+def _window(radius: int, rank: int) -> list[tuple[int, ...]]:
+    """Offsets of the window in row-major order (axis by axis from −r to r)."""
+    return list(itertools.product(range(-radius, radius + 1), repeat=rank))
+
+
+def _pair_weights(
+    vectors: Sequence[np.ndarray],
+    weights: Sequence[float],
+    shape: tuple[int, ...],
+    radius: int,
+    mask_src: np.ndarray | None,
+    mask_dst: np.ndarray | None,
+) -> np.ndarray:
+    """W[i, j] = m_dst(i) m_src(j) Σ_k w_k exp(−½‖v_k(i) − v_k(j)‖²) for j in the window of i.
+
+    vectors[k]: P×F_k per-pixel feature vectors of kernel k (positions already included).
+    """
+    pixels = list(itertools.product(*(range(s) for s in shape)))
+    flat = {p: index for index, p in enumerate(pixels)}
+    count = len(pixels)
+    out = np.zeros((count, count))
+    for i, p in enumerate(pixels):
+        neighbours = []
+        for offset in _window(radius, len(shape)):
+            if not any(offset):
+                continue  # j == i is not a neighbour
+            q = tuple(a + d for a, d in zip(p, offset, strict=True))
+            if all(0 <= a < s for a, s in zip(q, shape, strict=True)):
+                neighbours.append(flat[q])  # out-of-image neighbours are absent
+        neighbours = np.array(neighbours, dtype=np.int64)
+        if neighbours.size == 0:
+            continue
+        kernel = np.zeros(neighbours.size)
+        for vec, weight in zip(vectors, weights, strict=True):
+            diff = vec[neighbours] - vec[i]
+            kernel += weight * np.exp(-0.5 * (diff**2).sum(axis=1))
+        gate = np.ones(neighbours.size)
+        if mask_dst is not None:
+            gate *= mask_dst[i]
+        if mask_src is not None:
+            gate *= mask_src[neighbours]
+        out[i, neighbours] = gate * kernel
+    return out
+
+
+def _loss_from_weights(probs: Tensor, weights: Tensor, compatibility: Tensor | None) -> Tensor:
+    """Σ_n Σ_ij W_ij φ(y_i, y_j) in float64 (differentiable w.r.t. probs)."""
+    y = probs.to(torch.float64).flatten(2).transpose(1, 2)  # N×P×C
+    if compatibility is None:
+        return (weights * (1.0 - y @ y.transpose(1, 2))).sum()
+    mu = compatibility.to(torch.float64)
+    return (weights * (y @ mu @ y.transpose(1, 2))).sum()
+
+
+def naive_weights_from_prepared(
+    features: Tensor,
+    kernel_slices: Sequence[tuple[int, int]],
+    kernel_weights: Sequence[float],
+    kernel_pos_scales: Sequence[Sequence[float]],
+    radius: int,
+    mask_src: Tensor | None,
+    mask_dst: Tensor | None,
+) -> Tensor:
+    """N×P×P float64 pair weights W = G ⊙ K from the backend-contract arguments."""
+    batch = features.shape[0]
+    shape = tuple(features.shape[2:])
+    coordinates = np.array(list(itertools.product(*(range(s) for s in shape))), dtype=np.float64)
+    out = []
+    for n in range(batch):
+        flat = features[n].detach().to(torch.float64).flatten(1).T.cpu().numpy()  # P×F
+        vectors = [
+            np.concatenate([flat[:, a:b], coordinates * np.asarray(scales)], axis=1)
+            for (a, b), scales in zip(kernel_slices, kernel_pos_scales, strict=True)
+        ]
+        src = None if mask_src is None else mask_src[n, 0].double().flatten().cpu().numpy()
+        dst = None if mask_dst is None else mask_dst[n, 0].double().flatten().cpu().numpy()
+        out.append(_pair_weights(vectors, kernel_weights, shape, radius, src, dst))
+    return torch.from_numpy(np.stack(out))
+
+
+def naive_pairwise_sum(
+    probs: Tensor,
+    features: Tensor,
+    kernel_slices: Sequence[tuple[int, int]],
+    kernel_weights: Sequence[float],
+    kernel_pos_scales: Sequence[Sequence[float]],
+    radius: int,
+    mask_src: Tensor | None,
+    mask_dst: Tensor | None,
+    compatibility: Tensor | None,
+) -> Tensor:
+    """S of docs/CONTRACTS.md §1 by a plain loop; float64, on CPU, differentiable w.r.t. probs."""
+    weights = naive_weights_from_prepared(
+        features, kernel_slices, kernel_weights, kernel_pos_scales, radius, mask_src, mask_dst
+    )
+    return _loss_from_weights(probs.cpu(), weights, compatibility)
+
+
+def naive_window_affinity(
+    features: Tensor,
+    kernel_slices: Sequence[tuple[int, int]],
+    kernel_weights: Sequence[float],
+    kernel_pos_scales: Sequence[Sequence[float]],
+    radius: int,
+    mask_src: Tensor | None,
+    mask_dst: Tensor | None,
+) -> Tensor:
+    """window_affinity of CONTRACTS §1 by a plain loop: N×(2r+1)^k×*S float64."""
+    weights = naive_weights_from_prepared(
+        features, kernel_slices, kernel_weights, kernel_pos_scales, radius, mask_src, mask_dst
+    ).numpy()
+    batch = features.shape[0]
+    shape = tuple(features.shape[2:])
+    offsets = _window(radius, len(shape))
+    out = np.zeros((batch, len(offsets), *shape))
+    pixels = list(itertools.product(*(range(s) for s in shape)))
+    flat = {p: index for index, p in enumerate(pixels)}
+    for o, offset in enumerate(offsets):
+        for i, p in enumerate(pixels):
+            q = tuple(a + d for a, d in zip(p, offset, strict=True))
+            if q in flat:
+                out[(slice(None), o, *p)] = weights[:, i, flat[q]]
+    return torch.from_numpy(out)
+
+
+def area_downsample(tensor: Tensor, size: Sequence[int]) -> Tensor:
+    """Average over non-overlapping blocks (the integer-ratio area resize), float64."""
+    tensor = tensor.to(torch.float64)
+    shape = tuple(tensor.shape[2:])
+    ratios = [s // t for s, t in zip(shape, size, strict=True)]
+    split = list(tensor.shape[:2])
+    for t, r in zip(size, ratios, strict=True):
+        split += [t, r]
+    blocks = tensor.reshape(split)
+    return blocks.mean(dim=tuple(range(3, blocks.dim(), 2)))
+
+
+def naive_gated_crf_loss(
+    probs: Tensor,
+    features: Mapping[str, Tensor],
+    kernels: Sequence[Mapping[str, float]],
+    radius: int,
+    mask_src: Tensor | None = None,
+    mask_dst: Tensor | None = None,
+    compatibility: Tensor | None = None,
+    spacing: Sequence[float] | None = None,
+    downsamplers: Mapping[str, Callable[[Tensor, tuple[int, ...]], Tensor]] | None = None,
+) -> Tensor:
+    """The whole loss of DESIGN §1 from user-level inputs, float64, differentiable w.r.t. probs.
+
+    Positions: the coordinate of a prediction pixel along axis a is its index times
+    ``spacing[a] · ratio[a]`` (ratio = input size / prediction size of that axis), or just its
+    index without spacing; ``ratio`` comes from the modalities used by the kernels (else the masks,
+    else 1).
+    """
+    downsamplers = downsamplers or {}
+    batch, num_classes = probs.shape[:2]
+    shape = tuple(probs.shape[2:])
+    rank = len(shape)
+    maps = [m for m in (mask_src, mask_dst) if m is not None]
+    used = {name for k in kernels for name in k if name not in ("weight", POSITION_KEYS[rank])}
+    source = [features[name] for name in used] or maps or [probs]
+    ratio = [s // t for s, t in zip(source[0].shape[2:], shape, strict=True)]
+    axis_unit = (
+        [1.0] * rank if spacing is None else [s * r for s, r in zip(spacing, ratio, strict=True)]
+    )
+    coordinates = np.array(list(itertools.product(*(range(s) for s in shape))), dtype=np.float64)
+    positions = coordinates * np.asarray(axis_unit)
+
+    def resize(name: str, tensor: Tensor) -> Tensor:
+        if name in downsamplers:
+            return downsamplers[name](tensor.to(torch.float64), shape).to(torch.float64)
+        if tuple(tensor.shape[2:]) == shape:
+            return tensor.to(torch.float64)
+        return area_downsample(tensor, shape)
+
+    def binarise(mask: Tensor | None) -> np.ndarray | None:
+        if mask is None:
+            return None
+        m = resize("mask", mask.to(torch.float64)).numpy()
+        m = np.nan_to_num(m, nan=0.0)
+        return np.where(m < 1.0, 0.0, 1.0)
+
+    src = binarise(mask_src)
+    dst = binarise(mask_dst)
+    resized = {name: resize(name, features[name]) for name in used}
+
+    weights = []
+    for n in range(batch):
+        vectors = []
+        for descriptor in kernels:
+            parts = []
+            for name, sigma in descriptor.items():
+                if name == "weight":
+                    continue
+                if name == POSITION_KEYS[rank]:
+                    parts.append(positions / sigma)
+                else:
+                    parts.append(resized[name][n].flatten(1).T.numpy() / sigma)
+            vectors.append(np.concatenate(parts, axis=1))
+        weights.append(
+            _pair_weights(
+                vectors,
+                [float(k["weight"]) for k in kernels],
+                shape,
+                radius,
+                None if src is None else src[n, 0].flatten(),
+                None if dst is None else dst[n, 0].flatten(),
+            )
+        )
+    weights = torch.from_numpy(np.stack(weights))
+
+    mu_hat = None
+    if compatibility is not None:
+        mu = compatibility.to(torch.float64)
+        row_sum = mu.sum(dim=1, keepdim=True)
+        # A class with an all-zero row is compatible with every other: its row stays zero.
+        mu_hat = torch.where(row_sum > 0, (num_classes - 1) * mu / row_sum, 0.0)
+    total = _loss_from_weights(probs, weights, mu_hat)
+    if dst is not None:
+        denominator = max(1.0, float(dst.sum()))
+    elif src is not None:
+        denominator = max(1.0, float(src.sum()))
+    else:
+        denominator = float(batch * np.prod(shape))
+    return total / denominator

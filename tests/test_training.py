@@ -1,0 +1,431 @@
+"""gcrf.training: the objective, the Gated CRF schedule and resolution, LR, metrics, resume, images."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+from gcrf.data.synthetic import SyntheticDataModule
+from gcrf.loss.module import GatedCRFLoss
+from gcrf.training import (
+    PlainProgressLog,
+    SegmentationModule,
+    SegmentationVisualizer,
+    cross_entropy_loss,
+    default_callbacks,
+    gated_crf_start_step,
+    make_optimizer_factory,
+    make_poly_scheduler_factory,
+    resize_probabilities,
+)
+
+KERNELS = [{"weight": 1.0, "xy": 6.0, "rgb": 0.1}]
+
+
+class Output(NamedTuple):
+    low: torch.Tensor
+    high: torch.Tensor
+
+
+class TinyNet(nn.Module):
+    """Logits at stride 4 from a small conv stack; ``high`` is their bilinear upsampling."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, num_classes, 3, stride=2, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> Output:
+        low = self.body(x)
+        return Output(low, F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False))
+
+
+class RecordingLoss(nn.Module):
+    """Stands in for GatedCRFLoss: records when and on what size it is called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, tuple[int, ...]]] = []
+        self.step = lambda: -1
+
+    def forward(self, probs, features, mask_src=None, mask_dst=None):
+        assert set(features) == {"rgb"}
+        assert mask_src is not None and mask_src.shape[1] == 1
+        self.calls.append((self.step(), tuple(probs.shape)))
+        return probs.sum() * 0.0 + 1.0
+
+
+def _datamodule(**kwargs) -> SyntheticDataModule:
+    settings = {
+        "image_size": 32,
+        "train_length": 16,
+        "val_length": 8,
+        "batch_size": 4,
+        "batch_size_validation": 8,
+    }
+    settings.update(kwargs)
+    return SyntheticDataModule(**settings)
+
+
+def _trainer(tmp_path, max_steps: int, **kwargs) -> pl.Trainer:
+    settings = {
+        "accelerator": "cpu",
+        "max_steps": max_steps,
+        "val_check_interval": max_steps,
+        "check_val_every_n_epoch": None,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": tmp_path,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    settings.update(kwargs)
+    return pl.Trainer(**settings)
+
+
+# ---------------------------------------------------------------------------- cross entropy
+def test_cross_entropy_matches_torch_with_and_without_weights() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 5, 7, generator=generator, requires_grad=True)
+    target = torch.randint(0, 4, (2, 5, 7), generator=generator)
+    target[0, :2] = 255
+    weight = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    for w in (None, weight):
+        expected = F.cross_entropy(logits.double(), target, weight=None if w is None else w.double(), ignore_index=255)
+        assert torch.allclose(cross_entropy_loss(logits, target, w).double(), expected, atol=1e-6)
+
+
+def test_cross_entropy_without_labels_is_zero_with_a_graph() -> None:
+    logits = torch.randn(1, 3, 4, 4, requires_grad=True)
+    loss = cross_entropy_loss(logits, torch.full((1, 4, 4), 255))
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_cross_entropy_rejects_mismatched_shapes() -> None:
+    with pytest.raises(ValueError, match="target"):
+        cross_entropy_loss(torch.zeros(1, 3, 4, 4), torch.zeros(1, 4, 5, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------- resolution
+def test_resize_probabilities_sizes_and_simplex() -> None:
+    probs = torch.softmax(torch.randn(2, 3, 8, 8), dim=1)
+    assert resize_probabilities(probs, None, (32, 32)) is probs
+    assert resize_probabilities(probs, 8, (32, 32)) is probs
+    up = resize_probabilities(probs, 16, (32, 32))
+    assert up.shape == (2, 3, 16, 16)
+    assert torch.allclose(up.sum(1), torch.ones(2, 16, 16), atol=1e-6)
+    assert resize_probabilities(probs, 4, (32, 64)).shape == (2, 3, 4, 8)
+    assert resize_probabilities(probs, (8, 16), (32, 64)).shape == (2, 3, 8, 16)
+    with pytest.raises(ValueError, match="divide"):
+        resize_probabilities(probs, 12, (32, 32))
+    with pytest.raises(ValueError, match="non-integral"):
+        resize_probabilities(probs, 5, (32, 48))
+
+
+def test_gated_crf_start_step() -> None:
+    assert gated_crf_start_step(0.005, 90_000) == 450
+    assert gated_crf_start_step(0.0, 100) == 0
+    assert gated_crf_start_step(0.5, 7) == 3
+
+
+@pytest.mark.parametrize(("resolution", "expected"), [(None, (8, 8)), (16, (16, 16)), (32, (32, 32))])
+def test_warmup_switches_on_at_the_right_step_and_loss_sees_the_resolution(
+    tmp_path, resolution, expected
+) -> None:
+    recorder = RecordingLoss()
+    module = SegmentationModule(
+        TinyNet(),
+        4,
+        gated_crf=recorder,
+        cross_entropy_modality="semseg_scribbles",
+        gated_crf_resolution=resolution,
+        gated_crf_use_after_progress_ratio=0.5,
+        optimizer=make_optimizer_factory("adam", {"lr": 1e-3}),
+    )
+    recorder.step = lambda: module.global_step
+    _trainer(tmp_path, 6, limit_val_batches=0).fit(module, _datamodule())
+    steps = [step for step, _ in recorder.calls]
+    assert steps == [3, 4, 5]  # floor(0.5 · 6) = 3: off for steps 0, 1, 2
+    assert {shape for _, shape in recorder.calls} == {(4, 4, *expected)}
+
+
+# ------------------------------------------------------------------------------- objective
+def test_objective_is_the_weighted_sum_of_ce_and_gated_crf() -> None:
+    torch.manual_seed(0)
+    network = TinyNet()
+    loss = GatedCRFLoss(KERNELS, radius=2)
+    weights = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    module = SegmentationModule(
+        network,
+        4,
+        gated_crf=loss,
+        cross_entropy_modality="semseg_clicks",
+        cross_entropy_weight=0.7,
+        class_weights=weights,
+        gated_crf_weight=0.3,
+        gated_crf_resolution=16,
+        gated_crf_use_after_progress_ratio=0.0,
+    )
+    module._gated_crf_start = 0  # no trainer attached: the term is on from step 0
+    datamodule = _datamodule(stroke_width=3)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    before = {k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    output = network(batch["image"])
+    terms = module.compute_losses(batch, output)
+
+    ce = F.cross_entropy(output.high, batch["semseg_clicks"], weight=weights, ignore_index=255)
+    probs = F.interpolate(torch.softmax(output.low, 1), size=(16, 16), mode="bilinear", align_corners=False)
+    gcrf = loss(probs, {"rgb": batch["image"]}, mask_src=batch["valid"])
+    assert torch.allclose(terms["loss_ce"], ce, atol=1e-6)
+    assert torch.allclose(terms["loss_gatedcrf"], gcrf, atol=1e-6)
+    assert torch.allclose(terms["loss"], 0.7 * ce + 0.3 * gcrf, atol=1e-6)
+    for key, value in before.items():  # the batch is not modified
+        assert torch.equal(batch[key], value)
+
+
+def test_without_gated_crf_the_objective_is_ce_on_the_modality() -> None:
+    network = TinyNet()
+    module = SegmentationModule(network, 4, cross_entropy_modality="semseg_dense")
+    datamodule = _datamodule()
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    output = network(batch["image"])
+    terms = module.compute_losses(batch, output)
+    assert torch.allclose(terms["loss"], F.cross_entropy(output.high, batch["semseg_dense"], ignore_index=255))
+    assert terms["loss_gatedcrf"].item() == 0.0
+
+
+# ------------------------------------------------------------------------- optimiser and LR
+def test_optimizer_factories_defaults() -> None:
+    params = list(nn.Linear(2, 2).parameters())
+    sgd = make_optimizer_factory()(params)
+    assert isinstance(sgd, torch.optim.SGD)
+    assert {k: sgd.defaults[k] for k in ("lr", "momentum", "dampening", "weight_decay")} == {
+        "lr": 0.007,
+        "momentum": 0.9,
+        "dampening": 0.0,
+        "weight_decay": 1e-4,
+    }
+    adam = make_optimizer_factory("adam", {"lr": 0.01, "betas": (0.8, 0.9)})(params)
+    assert isinstance(adam, torch.optim.Adam) and adam.defaults["betas"] == (0.8, 0.9)
+    with pytest.raises(ValueError, match="rmsprop"):
+        make_optimizer_factory("rmsprop")
+    with pytest.raises(ValueError, match="power"):
+        make_poly_scheduler_factory(-1)
+
+
+def test_poly_lr_is_stepped_every_iteration(tmp_path) -> None:
+    lrs = []
+
+    class RecordLR(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    module = SegmentationModule(TinyNet(), 4, optimizer=make_optimizer_factory("sgd", {"lr": 0.1}))
+    _trainer(tmp_path, 7, limit_val_batches=0, callbacks=[RecordLR()]).fit(module, _datamodule())
+    expected = [0.1 * (1 - k / 7) ** 0.9 for k in range(7)]
+    assert lrs == pytest.approx(expected, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------- metrics
+def test_iou_per_class_matches_a_naive_count() -> None:
+    confusion = torch.tensor([[5, 1, 0], [2, 3, 0], [0, 0, 0]])
+    iou = SegmentationModule.iou_per_class(confusion)
+    assert iou[0].item() == pytest.approx(5 / 8)
+    assert iou[1].item() == pytest.approx(3 / 6)
+    assert math.isnan(iou[2].item())
+
+
+def test_validation_miou_matches_a_naive_computation(tmp_path) -> None:
+    torch.manual_seed(0)
+    network = TinyNet(3)
+    module = SegmentationModule(network, 3)
+    datamodule = _datamodule(num_classes=3, val_length=10, batch_size_validation=4)
+    trainer = _trainer(tmp_path, 1)
+    metrics = trainer.validate(module, datamodule, verbose=False)[0]
+
+    datamodule.setup("validate")
+    network.eval()
+    intersection, union = torch.zeros(3), torch.zeros(3)
+    with torch.no_grad():
+        for index in range(10):
+            item = datamodule.val_dataset[index]
+            prediction = network(item["image"][None]).high.argmax(1)[0]
+            target = item["semseg_dense"]
+            keep = target != 255
+            for c in range(3):
+                p, t = (prediction == c) & keep, (target == c) & keep
+                intersection[c] += (p & t).sum()
+                union[c] += (p | t).sum()
+    present = union > 0
+    expected = (intersection[present] / union[present]).mean().item()
+    assert metrics["val/mIoU"] == pytest.approx(expected, abs=1e-6)
+    for c, name in enumerate(datamodule.class_names):
+        if present[c]:
+            assert metrics[f"val/IoU/{name}"] == pytest.approx((intersection[c] / union[c]).item(), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------- resume
+def test_resume_from_checkpoint_restores_step_lr_and_best_metric(tmp_path) -> None:
+    def make():
+        torch.manual_seed(0)
+        return SegmentationModule(
+            TinyNet(),
+            4,
+            gated_crf=GatedCRFLoss(KERNELS, radius=1),
+            cross_entropy_modality="semseg_scribbles",
+            gated_crf_use_after_progress_ratio=0.3,
+            optimizer=make_optimizer_factory("sgd", {"lr": 0.05, "momentum": 0.9}),
+        )
+
+    class KillAt(Callback):
+        def __init__(self, step: int) -> None:
+            self.step = step
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == self.step:
+                raise KeyboardInterrupt  # a run killed mid-way
+
+    scores = []
+
+    class RecordScores(Callback):
+        def on_validation_end(self, trainer, pl_module):
+            scores.append(float(trainer.callback_metrics["val/mIoU"]))
+
+    callbacks = [c for c in default_callbacks(checkpoint_dir=str(tmp_path / "ckpt")) if isinstance(c, ModelCheckpoint)]
+    trainer = _trainer(
+        tmp_path,
+        10,
+        val_check_interval=3,
+        enable_checkpointing=True,
+        callbacks=[*callbacks, RecordScores(), KillAt(7)],
+    )
+    with pytest.raises((SystemExit, KeyboardInterrupt)):  # Lightning shuts down and exits
+        trainer.fit(make(), _datamodule())
+    assert trainer.global_step == 7
+    last = tmp_path / "ckpt" / "last.ckpt"
+    state = torch.load(last, weights_only=False)
+    assert state["global_step"] == 6  # the last validation (every 3 steps) wrote it
+    best_before = float(trainer.checkpoint_callback.best_model_score)
+    assert len(scores) == 2 and best_before == pytest.approx(max(scores))
+
+    seen = {}
+
+    class Probe(Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["step"] = trainer.global_step
+            seen["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+            seen["best"] = float(trainer.checkpoint_callback.best_model_score)
+            seen["gcrf_active"] = pl_module.gated_crf_active()
+
+    callbacks = [c for c in default_callbacks(checkpoint_dir=str(tmp_path / "ckpt")) if isinstance(c, ModelCheckpoint)]
+    resumed = _trainer(
+        tmp_path, 10, val_check_interval=3, enable_checkpointing=True, callbacks=[*callbacks, Probe()]
+    )
+    resumed.fit(make(), _datamodule(), ckpt_path=str(last))
+    assert seen["step"] == 6
+    assert seen["lr"] == pytest.approx(0.05 * (1 - 6 / 10) ** 0.9, rel=1e-6)
+    assert seen["best"] == pytest.approx(best_before)
+    assert seen["gcrf_active"]  # floor(0.3 · 10) = 3 <= 6
+    assert resumed.global_step == 10
+
+
+# ------------------------------------------------------------------------------- callbacks
+def test_visualization_schedule() -> None:
+    vis = SegmentationVisualizer(num_batches_visualization_first=100, num_batches_visualization_step=1000)
+    on = [s for s in range(0, 3200) if vis.is_visualization_step(s)]
+    assert on == [100, 1100, 2100, 3100]
+
+
+def test_visualizer_writes_grids_with_every_panel(tmp_path) -> None:
+    images = []
+
+    class FakeExperiment:
+        def add_image(self, tag, image, global_step):
+            images.append((tag, tuple(image.shape), image.dtype, global_step))
+
+    class FakeLogger(pl.loggers.Logger):
+        name = "fake"
+        version = 0
+
+        @property
+        def experiment(self):
+            return FakeExperiment()
+
+        def log_metrics(self, metrics, step=None):
+            pass
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    module = SegmentationModule(
+        TinyNet(),
+        4,
+        gated_crf=GatedCRFLoss(KERNELS, radius=2),
+        cross_entropy_modality="semseg_scribbles",
+        gated_crf_resolution=16,
+    )
+    vis = SegmentationVisualizer(
+        num_batches_visualization_first=2,
+        num_batches_visualization_step=3,
+        visualize_num_samples_in_batch=3,
+        observe_train_ids=[0, 5],
+        observe_valid_ids=[1, 2, 3, 100],  # 100 is out of range: skipped
+        tensorboard_img_grid_width=2,
+    )
+    trainer = _trainer(tmp_path, 5, val_check_interval=5, logger=FakeLogger(), callbacks=[vis])
+    trainer.fit(module, _datamodule())
+    tags = [(tag, step) for tag, _, _, step in images]
+    assert ("train/batch", 2) in tags and ("train/batch", 5) in tags
+    assert ("train/observed", 5) in tags and ("valid/observed", 5) in tags
+    for tag, shape, dtype, _ in images:
+        assert dtype == torch.uint8 and shape[0] == 3
+        # 5 panels of 32 px stacked per sample, 2 samples per row, 2 px padding
+        samples = {"train/batch": 3, "train/observed": 2, "valid/observed": 3}[tag]
+        rows = math.ceil(samples / 2)
+        assert shape[1] == rows * (5 * 32 + 2) + 2, (tag, shape)
+        assert shape[2] == min(samples, 2) * (32 + 2) + 2, (tag, shape)
+
+
+def test_default_callbacks_and_plain_progress(caplog) -> None:
+    callbacks = default_callbacks(SegmentationVisualizer())
+    kinds = {type(c).__name__ for c in callbacks}
+    assert {"ModelCheckpoint", "LearningRateMonitor", "SegmentationVisualizer"} <= kinds
+    # pytest captures stdout: no TTY, so plain progress lines instead of a rich bar
+    assert "PlainProgressLog" in kinds
+    best, latest = (c for c in callbacks if isinstance(c, ModelCheckpoint))
+    assert best.monitor == "val/mIoU" and best.mode == "max"
+    assert latest.monitor is None and latest.save_last == "link"
+    with pytest.raises(ValueError, match="every_n_steps"):
+        PlainProgressLog(0)
+
+
+# ------------------------------------------------------------------------------ validation
+def test_module_rejects_bad_arguments() -> None:
+    with pytest.raises(TypeError, match="network"):
+        SegmentationModule("resnet", 4)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_classes"):
+        SegmentationModule(TinyNet(), 1)
+    with pytest.raises(ValueError, match="cross_entropy_modality"):
+        SegmentationModule(TinyNet(), 4, cross_entropy_modality="semseg_boxes")
+    with pytest.raises(ValueError, match="class_weights"):
+        SegmentationModule(TinyNet(), 4, class_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="ratio"):
+        SegmentationModule(TinyNet(), 4, gated_crf_use_after_progress_ratio=1.5)
+    with pytest.raises(ValueError, match="num_batches_visualization_step"):
+        SegmentationVisualizer(num_batches_visualization_step=0)
