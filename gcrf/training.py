@@ -66,12 +66,19 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
 
 # The DeepLab defaults of the published code.
-SGD_DEFAULTS: dict[str, float] = {"lr": 0.007, "momentum": 0.9, "dampening": 0.0, "weight_decay": 1e-4}
+SGD_DEFAULTS: dict[str, float] = {
+    "lr": 0.007,
+    "momentum": 0.9,
+    "dampening": 0.0,
+    "weight_decay": 1e-4,
+}
 ADAM_DEFAULTS: dict[str, float] = {"lr": 1e-4}
 
 
 # ------------------------------------------------------------------------------- factories
-def make_optimizer_factory(name: str = "sgd", kwargs: Mapping[str, Any] | None = None) -> OptimizerFactory:
+def make_optimizer_factory(
+    name: str = "sgd", kwargs: Mapping[str, Any] | None = None
+) -> OptimizerFactory:
     """An optimiser factory for ``"sgd"`` or ``"adam"``.
 
     Args:
@@ -120,8 +127,12 @@ def make_poly_scheduler_factory(power: float = 0.9) -> SchedulerFactory:
     if not isinstance(power, (int, float)) or power < 0:
         raise ValueError(f"power must be a number >= 0, got {power!r}")
 
-    def factory(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_steps, power=power)
+    def factory(
+        optimizer: torch.optim.Optimizer, total_steps: int
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        return torch.optim.lr_scheduler.PolynomialLR(
+            optimizer, total_iters=total_steps, power=power
+        )
 
     return factory
 
@@ -155,7 +166,9 @@ def cross_entropy_loss(logits: Tensor, target: Tensor, weight: Tensor | None = N
             f"{tuple(logits.shape)} and target {tuple(target.shape)}"
         )
     logits = logits.float()
-    summed = F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
+    summed = F.cross_entropy(
+        logits, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     labelled = target != IGNORE_INDEX
     if weight is None:
         denominator = labelled.sum().to(summed.dtype)
@@ -289,7 +302,9 @@ class SegmentationModule(pl.LightningModule):
                 f"{gated_crf_use_after_progress_ratio!r}"
             )
         if gated_crf is not None and not callable(gated_crf):
-            raise TypeError(f"gated_crf must be a callable loss module, got {type(gated_crf).__name__}")
+            raise TypeError(
+                f"gated_crf must be a callable loss module, got {type(gated_crf).__name__}"
+            )
         self.network = network
         self.num_classes = num_classes
         self.gated_crf = gated_crf
@@ -299,7 +314,9 @@ class SegmentationModule(pl.LightningModule):
         self.gated_crf_resolution = gated_crf_resolution
         self.gated_crf_use_after_progress_ratio = float(gated_crf_use_after_progress_ratio)
         self.optimizer_factory = optimizer if optimizer is not None else make_optimizer_factory()
-        self.scheduler_factory = lr_scheduler if lr_scheduler is not None else make_poly_scheduler_factory()
+        self.scheduler_factory = (
+            lr_scheduler if lr_scheduler is not None else make_poly_scheduler_factory()
+        )
         self.class_names = list(class_names) if class_names is not None else None
         self.palette = palette
         self.compile = compile
@@ -329,11 +346,15 @@ class SegmentationModule(pl.LightningModule):
         self.class_weights = weights
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = (
+            getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        )
         if self.class_names is None:
             names = getattr(datamodule, "class_names", None)
             self.class_names = (
-                list(names) if names is not None else [f"class_{c}" for c in range(self.num_classes)]
+                list(names)
+                if names is not None
+                else [f"class_{c}" for c in range(self.num_classes)]
             )
         if self.palette is None and getattr(datamodule, "palette", None) is not None:
             self.palette = torch.as_tensor(datamodule.palette, dtype=torch.uint8)
@@ -347,7 +368,9 @@ class SegmentationModule(pl.LightningModule):
         """First global step with the Gated CRF term on (needs an attached trainer)."""
         if self._gated_crf_start is None:
             total = int(self.trainer.estimated_stepping_batches)
-            self._gated_crf_start = gated_crf_start_step(self.gated_crf_use_after_progress_ratio, total)
+            self._gated_crf_start = gated_crf_start_step(
+                self.gated_crf_use_after_progress_ratio, total
+            )
         return self._gated_crf_start
 
     def gated_crf_active(self) -> bool:
@@ -377,7 +400,9 @@ class SegmentationModule(pl.LightningModule):
             image = batch["image"]
             probs = torch.softmax(output.low.float(), dim=1)
             probs = resize_probabilities(probs, self.gated_crf_resolution, image.shape[-2:])
-            loss_gatedcrf = self.gated_crf(probs, {"rgb": image.float()}, mask_src=batch["valid"].float())
+            loss_gatedcrf = self.gated_crf(
+                probs, {"rgb": image.float()}, mask_src=batch["valid"].float()
+            )
             loss = loss + self.gated_crf_weight * loss_gatedcrf
         return {"loss_ce": loss_ce, "loss_gatedcrf": loss_gatedcrf, "loss": loss}
 
@@ -434,7 +459,10 @@ class SegmentationModule(pl.LightningModule):
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler_factory(optimizer, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 # ------------------------------------------------------------------------------- callbacks
@@ -457,7 +485,12 @@ class PlainProgressLog(Callback):
         self._start = time.monotonic()
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         step = trainer.global_step
         if not trainer.is_global_zero or (step % self.every_n_steps and step != trainer.max_steps):
@@ -528,7 +561,9 @@ class SegmentationVisualizer(Callback):
                 return experiment
         return None
 
-    def render(self, pl_module: SegmentationModule, batch: Mapping[str, Any], high: Tensor) -> Tensor:
+    def render(
+        self, pl_module: SegmentationModule, batch: Mapping[str, Any], high: Tensor
+    ) -> Tensor:
         """The uint8 3×H'×W' grid of the first samples of a batch (one column of panels each)."""
         from gcrf import viz
 
@@ -536,7 +571,9 @@ class SegmentationVisualizer(Callback):
         palette = pl_module.palette
         if palette is None:
             palette = _golden_palette(pl_module.num_classes)
-        image = viz.to_uint8_image(viz.denormalize_image(batch["image"][:count].detach().float().cpu()))
+        image = viz.to_uint8_image(
+            viz.denormalize_image(batch["image"][:count].detach().float().cpu())
+        )
         weak = batch[pl_module.cross_entropy_modality][:count].cpu()
         panels = [
             image,
@@ -551,7 +588,9 @@ class SegmentationVisualizer(Callback):
         return viz.make_grid(columns, ncols=self.grid_width)
 
     @staticmethod
-    def _kernels_vis(pl_module: SegmentationModule, batch: Mapping[str, Any], count: int) -> Tensor | None:
+    def _kernels_vis(
+        pl_module: SegmentationModule, batch: Mapping[str, Any], count: int
+    ) -> Tensor | None:
         """Gated CRF kernels of the first samples (the published ``kernels_vis``) as N×H×W."""
         loss = pl_module.gated_crf
         if loss is None:
@@ -567,7 +606,9 @@ class SegmentationVisualizer(Callback):
             size = (image.shape[-2] // 4, image.shape[-1] // 4)
         else:
             size = tuple(
-                resize_probabilities(image[:1, :1], pl_module.gated_crf_resolution, image.shape[-2:]).shape[-2:]
+                resize_probabilities(
+                    image[:1, :1], pl_module.gated_crf_resolution, image.shape[-2:]
+                ).shape[-2:]
             )
         affinity = gaussian_affinity(
             {"rgb": image}, kernels, radius, size=size, mask_src=batch["valid"][:count].float()
@@ -575,7 +616,12 @@ class SegmentationVisualizer(Callback):
         return kernels_vis(affinity, radius, image.shape[-2:])[:, 0]
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         if not trainer.is_global_zero or self.num_samples == 0:
             return
@@ -606,7 +652,9 @@ class SegmentationVisualizer(Callback):
             if not ids:
                 continue
             batch = torch.utils.data.default_collate([dataset[i] for i in ids])
-            batch = {k: v.to(pl_module.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            batch = {
+                k: v.to(pl_module.device) if isinstance(v, Tensor) else v for k, v in batch.items()
+            }
             was_training = pl_module.training
             pl_module.eval()
             with torch.no_grad():

@@ -78,7 +78,11 @@ def build_network(
     """
     from gcrf.models import create_model
 
-    kwargs = {"num_classes": num_classes, "pretrained": model_pretrained, **dict(model_kwargs or {})}
+    kwargs = {
+        "num_classes": num_classes,
+        "pretrained": model_pretrained,
+        **dict(model_kwargs or {}),
+    }
     if model_encoder_name is not None:
         kwargs["encoder"] = model_encoder_name
     return create_model(model_name, **kwargs)
@@ -216,7 +220,9 @@ class RecipeCLI(LightningCLI):
             help="Checkpoint to resume from (the same step, LR, optimiser and best mIoU); 'last' "
             "picks the run's last.ckpt.",
         )
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments(
+            "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
+        )
         parser.set_defaults(self._recipe_defaults)
 
 

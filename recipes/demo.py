@@ -97,7 +97,9 @@ def _run_one(
     module = SegmentationModule(
         network,
         datamodule.num_classes,
-        gated_crf=build_gated_crf_loss(gatedcrf_kernels, gatedcrf_radius) if with_gated_crf else None,
+        gated_crf=build_gated_crf_loss(gatedcrf_kernels, gatedcrf_radius)
+        if with_gated_crf
+        else None,
         cross_entropy_modality=modality,
         gated_crf_weight=gatedcrf_weight,
         gated_crf_resolution=gatedcrf_resolution,
@@ -226,7 +228,9 @@ def demo(
     table.add_column("val mIoU", justify="right")
     table.add_column("time", justify="right")
     for result in results:
-        table.add_row(result.name, result.description, f"{100 * result.miou:.1f}", f"{result.seconds:.0f} s")
+        table.add_row(
+            result.name, result.description, f"{100 * result.miou:.1f}", f"{result.seconds:.0f} s"
+        )
     closed = gap_closed(results[0].miou, results[1].miou, results[2].miou)
     console.print(table)
     console.print(

@@ -230,9 +230,16 @@ def test_bad_inputs() -> None:
         model(torch.randn(0, 3, 65, 97))
 
 
-def test_in_channels() -> None:
+def test_in_channels_and_output_stride_32() -> None:
     model = DeepLabV3Plus("resnet10t", num_classes=NUM_CLASSES, in_channels=1).eval()
     assert model(torch.randn(1, 1, 40, 40)).high.shape == (1, NUM_CLASSES, 40, 40)
+    with pytest.raises(ValueError, match="encoder_kwargs must not set 'in_chans'"):
+        DeepLabV3Plus("resnet10t", encoder_kwargs={"in_chans": 1})
+    # Output stride 32: no dilation, ASPP rates halved, inputs padded to a multiple of 32.
+    model = DeepLabV3Plus("resnet10t", num_classes=NUM_CLASSES, output_stride=32).eval()
+    assert model.aspp_rates == (3, 6, 9) and model.encoder.feature_info.reduction() == [4, 32]
+    low, high = model(_images())
+    assert low.shape[-2:] == (17, 25) and high.shape[-2:] == (65, 97)
 
 
 # -------------------------------------------------------------------------------- weights

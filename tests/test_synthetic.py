@@ -102,7 +102,9 @@ def test_weak_label_coverage() -> None:
     Measured on 40 scenes of 64×64 with stroke width 1 (reported in the README): scribbles label
     about 2.5 % of the pixels and ≥ 90 % of the visible object parts; clicks about 0.1 %.
     """
-    datamodule = SyntheticDataModule(image_size=64, train_length=NUM_SCENES, val_length=4, reflect=False)
+    datamodule = SyntheticDataModule(
+        image_size=64, train_length=NUM_SCENES, val_length=4, reflect=False
+    )
     datamodule.setup("fit")
     scribble_pixels = click_pixels = total_pixels = 0
     parts = parts_with_scribble = 0
@@ -189,7 +191,12 @@ def test_object_boundaries_are_image_edges() -> None:
 # ---------------------------------------------------------------------------------- module
 def test_datamodule_batches_follow_the_sample_contract() -> None:
     datamodule = SyntheticDataModule(
-        num_classes=3, image_size=32, train_length=6, val_length=4, batch_size=2, batch_size_validation=4
+        num_classes=3,
+        image_size=32,
+        train_length=6,
+        val_length=4,
+        batch_size=2,
+        batch_size_validation=4,
     )
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))

@@ -48,7 +48,9 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Output:
         low = self.body(x)
-        return Output(low, F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False))
+        return Output(
+            low, F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        )
 
 
 class RecordingLoss(nn.Module):
@@ -103,7 +105,9 @@ def test_cross_entropy_matches_torch_with_and_without_weights() -> None:
     target[0, :2] = 255
     weight = torch.tensor([0.1, 0.2, 0.3, 0.4])
     for w in (None, weight):
-        expected = F.cross_entropy(logits.double(), target, weight=None if w is None else w.double(), ignore_index=255)
+        expected = F.cross_entropy(
+            logits.double(), target, weight=None if w is None else w.double(), ignore_index=255
+        )
         assert torch.allclose(cross_entropy_loss(logits, target, w).double(), expected, atol=1e-6)
 
 
@@ -142,7 +146,9 @@ def test_gated_crf_start_step() -> None:
     assert gated_crf_start_step(0.5, 7) == 3
 
 
-@pytest.mark.parametrize(("resolution", "expected"), [(None, (8, 8)), (16, (16, 16)), (32, (32, 32))])
+@pytest.mark.parametrize(
+    ("resolution", "expected"), [(None, (8, 8)), (16, (16, 16)), (32, (32, 32))]
+)
 def test_warmup_switches_on_at_the_right_step_and_loss_sees_the_resolution(
     tmp_path, resolution, expected
 ) -> None:
@@ -189,7 +195,9 @@ def test_objective_is_the_weighted_sum_of_ce_and_gated_crf() -> None:
     terms = module.compute_losses(batch, output)
 
     ce = F.cross_entropy(output.high, batch["semseg_clicks"], weight=weights, ignore_index=255)
-    probs = F.interpolate(torch.softmax(output.low, 1), size=(16, 16), mode="bilinear", align_corners=False)
+    probs = F.interpolate(
+        torch.softmax(output.low, 1), size=(16, 16), mode="bilinear", align_corners=False
+    )
     gcrf = loss(probs, {"rgb": batch["image"]}, mask_src=batch["valid"])
     assert torch.allclose(terms["loss_ce"], ce, atol=1e-6)
     assert torch.allclose(terms["loss_gatedcrf"], gcrf, atol=1e-6)
@@ -206,7 +214,9 @@ def test_without_gated_crf_the_objective_is_ce_on_the_modality() -> None:
     batch = next(iter(datamodule.train_dataloader()))
     output = network(batch["image"])
     terms = module.compute_losses(batch, output)
-    assert torch.allclose(terms["loss"], F.cross_entropy(output.high, batch["semseg_dense"], ignore_index=255))
+    assert torch.allclose(
+        terms["loss"], F.cross_entropy(output.high, batch["semseg_dense"], ignore_index=255)
+    )
     assert terms["loss_gatedcrf"].item() == 0.0
 
 
@@ -277,7 +287,9 @@ def test_validation_miou_matches_a_naive_computation(tmp_path) -> None:
     assert metrics["val/mIoU"] == pytest.approx(expected, abs=1e-6)
     for c, name in enumerate(datamodule.class_names):
         if present[c]:
-            assert metrics[f"val/IoU/{name}"] == pytest.approx((intersection[c] / union[c]).item(), abs=1e-6)
+            assert metrics[f"val/IoU/{name}"] == pytest.approx(
+                (intersection[c] / union[c]).item(), abs=1e-6
+            )
 
 
 # ----------------------------------------------------------------------------------- resume
@@ -307,7 +319,11 @@ def test_resume_from_checkpoint_restores_step_lr_and_best_metric(tmp_path) -> No
         def on_validation_end(self, trainer, pl_module):
             scores.append(float(trainer.callback_metrics["val/mIoU"]))
 
-    callbacks = [c for c in default_callbacks(checkpoint_dir=str(tmp_path / "ckpt")) if isinstance(c, ModelCheckpoint)]
+    callbacks = [
+        c
+        for c in default_callbacks(checkpoint_dir=str(tmp_path / "ckpt"))
+        if isinstance(c, ModelCheckpoint)
+    ]
     trainer = _trainer(
         tmp_path,
         10,
@@ -333,9 +349,17 @@ def test_resume_from_checkpoint_restores_step_lr_and_best_metric(tmp_path) -> No
             seen["best"] = float(trainer.checkpoint_callback.best_model_score)
             seen["gcrf_active"] = pl_module.gated_crf_active()
 
-    callbacks = [c for c in default_callbacks(checkpoint_dir=str(tmp_path / "ckpt")) if isinstance(c, ModelCheckpoint)]
+    callbacks = [
+        c
+        for c in default_callbacks(checkpoint_dir=str(tmp_path / "ckpt"))
+        if isinstance(c, ModelCheckpoint)
+    ]
     resumed = _trainer(
-        tmp_path, 10, val_check_interval=3, enable_checkpointing=True, callbacks=[*callbacks, Probe()]
+        tmp_path,
+        10,
+        val_check_interval=3,
+        enable_checkpointing=True,
+        callbacks=[*callbacks, Probe()],
     )
     resumed.fit(make(), _datamodule(), ckpt_path=str(last))
     assert seen["step"] == 6
@@ -347,7 +371,9 @@ def test_resume_from_checkpoint_restores_step_lr_and_best_metric(tmp_path) -> No
 
 # ------------------------------------------------------------------------------- callbacks
 def test_visualization_schedule() -> None:
-    vis = SegmentationVisualizer(num_batches_visualization_first=100, num_batches_visualization_step=1000)
+    vis = SegmentationVisualizer(
+        num_batches_visualization_first=100, num_batches_visualization_step=1000
+    )
     on = [s for s in range(0, 3200) if vis.is_visualization_step(s)]
     assert on == [100, 1100, 2100, 3100]
 

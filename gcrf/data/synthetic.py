@@ -26,6 +26,7 @@ geometric transforms with the image and are rasterised at the end.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -198,7 +199,9 @@ def _shape_mask(
         r2 = u**2 + v**2
         return (r2 <= 1.0) & (r2 >= 0.45**2)
     if shape == "cross":
-        return ((np.abs(u) <= 1.0) & (np.abs(v) <= 0.35)) | ((np.abs(v) <= 1.0) & (np.abs(u) <= 0.35))
+        return ((np.abs(u) <= 1.0) & (np.abs(v) <= 0.35)) | (
+            (np.abs(v) <= 1.0) & (np.abs(u) <= 0.35)
+        )
     if shape == "diamond":
         return np.abs(u) + np.abs(v) <= 1.0
     raise ValueError(f"unknown shape {shape!r}")
@@ -436,7 +439,7 @@ def _rasterise(
     for class_id, points in shapes:
         points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
         samples = [points[:1]]
-        for a, b in zip(points[:-1], points[1:], strict=True):
+        for a, b in itertools.pairwise(points):
             steps = max(1, math.ceil(2 * float(np.abs(b - a).max())))
             t = np.linspace(0.0, 1.0, steps + 1)[1:, None]
             samples.append(a + (b - a) * t)
@@ -471,8 +474,12 @@ class _StandInTransform:
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "semseg_dense": torch.from_numpy(np.ascontiguousarray(dense)),
-            "semseg_scribbles": torch.from_numpy(_rasterise(scribbles, (height, width), self.stroke_width)),
-            "semseg_clicks": torch.from_numpy(_rasterise(clicks, (height, width), self.stroke_width)),
+            "semseg_scribbles": torch.from_numpy(
+                _rasterise(scribbles, (height, width), self.stroke_width)
+            ),
+            "semseg_clicks": torch.from_numpy(
+                _rasterise(clicks, (height, width), self.stroke_width)
+            ),
             "valid": torch.ones(1, height, width),
             "index": scene["index"],
         }
@@ -541,7 +548,10 @@ class SyntheticDataModule(pl.LightningDataModule):
         for name, value in (("train_length", train_length), ("val_length", val_length)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        for name, value in (("batch_size", batch_size), ("batch_size_validation", batch_size_validation)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("batch_size_validation", batch_size_validation),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if stroke_width < 1:
@@ -610,5 +620,7 @@ class SyntheticDataModule(pl.LightningDataModule):
             scene = self.train_dataset.raw(index)
             labels = _StandInTransform(self.stroke_width)(scene)[modality]
             labels = labels[labels != 255]
-            counts += torch.bincount(labels.flatten(), minlength=self.num_classes)[: self.num_classes]
+            counts += torch.bincount(labels.flatten(), minlength=self.num_classes)[
+                : self.num_classes
+            ]
         return counts

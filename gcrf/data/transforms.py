@@ -139,7 +139,9 @@ def _image_to_tensor(image: Any) -> torch.Tensor:
             raise ValueError(f"image tensor must be 3×H×W, got shape {tuple(image.shape)}")
         tensor = image.as_subclass(torch.Tensor)
     else:
-        raise TypeError(f"image must be a PIL image, numpy array or tensor, got {type(image).__name__}")
+        raise TypeError(
+            f"image must be a PIL image, numpy array or tensor, got {type(image).__name__}"
+        )
     if tensor.dtype == torch.uint8:
         return tensor.float().div(255)
     if tensor.is_floating_point():
@@ -181,7 +183,9 @@ def _points(shapes: Any, what: str) -> tuple[list[int], list[int], np.ndarray]:
         except (TypeError, ValueError) as error:
             raise TypeError(f"{what} entries must be (class_id, points), got {item!r}") from error
         array = np.asarray(
-            points.as_subclass(torch.Tensor).numpy() if isinstance(points, torch.Tensor) else points,
+            points.as_subclass(torch.Tensor).numpy()
+            if isinstance(points, torch.Tensor)
+            else points,
             dtype=np.float32,
         ).reshape(-1, 2)
         if len(array) == 0:
@@ -212,7 +216,9 @@ def to_tv_tensors(sample: dict[str, Any], scribble_length_ratio: float = 1.0) ->
     dense = _mask_to_tensor(sample.get("semseg_dense"), size)
     scribbles = sample.get("scribbles") or []
     if scribble_length_ratio < 1:
-        scribbles = [(c, shorten_polyline(p, scribble_length_ratio)) for c, p in _iter_arrays(scribbles)]
+        scribbles = [
+            (c, shorten_polyline(p, scribble_length_ratio)) for c, p in _iter_arrays(scribbles)
+        ]
     s_classes, s_counts, s_vertices = _points(scribbles, "scribbles")
     c_classes, _, c_vertices = _points(sample.get("clicks"), "clicks")
     return {
@@ -282,34 +288,53 @@ class RandomGeometry(Transform):
         crop = cfg.crop_size
         # Continuous coordinates (pixel (r, c) spans [c, c+1) × [r, r+1)) until the very end.
         scale = self._uniform(cfg.scale_min, cfg.scale_max)
-        angle = math.radians(self._uniform(-cfg.tilt_max_deg, cfg.tilt_max_deg)) if cfg.tilt_max_deg else 0.0
+        angle = (
+            math.radians(self._uniform(-cfg.tilt_max_deg, cfg.tilt_max_deg))
+            if cfg.tilt_max_deg
+            else 0.0
+        )
         cos, sin = math.cos(angle), math.sin(angle)
         cx, cy = width / 2, height / 2
         # Scale and rotate about the image centre (counter-clockwise on screen for angle > 0).
-        rotate = np.array(
-            [[cos, sin, 0.0], [-sin, cos, 0.0], [0.0, 0.0, 1.0]]
-        ) @ np.diag([scale, scale, 1.0])
+        rotate = np.array([[cos, sin, 0.0], [-sin, cos, 0.0], [0.0, 0.0, 1.0]]) @ np.diag(
+            [scale, scale, 1.0]
+        )
         to_centre = np.array([[1.0, 0, -cx], [0, 1.0, -cy], [0, 0, 1.0]])
         forward = rotate @ to_centre
         corners = np.array([[0, 0, 1], [width, 0, 1], [width, height, 1], [0, height, 1]], float).T
         moved = forward @ corners
         x0, y0 = moved[0].min(), moved[1].min()
         extent_x, extent_y = moved[0].max() - x0, moved[1].max() - y0
-        left = x0 + self._uniform(0.0, extent_x - crop) if extent_x >= crop else x0 - self._uniform(0.0, crop - extent_x)
-        top = y0 + self._uniform(0.0, extent_y - crop) if extent_y >= crop else y0 - self._uniform(0.0, crop - extent_y)
+        left = (
+            x0 + self._uniform(0.0, extent_x - crop)
+            if extent_x >= crop
+            else x0 - self._uniform(0.0, crop - extent_x)
+        )
+        top = (
+            y0 + self._uniform(0.0, extent_y - crop)
+            if extent_y >= crop
+            else y0 - self._uniform(0.0, crop - extent_y)
+        )
         forward = np.array([[1.0, 0, -left], [0, 1.0, -top], [0, 0, 1.0]]) @ forward
         if cfg.wiggle_max_ratio > 0:
             square = np.array([[0, 0], [crop, 0], [crop, crop], [0, crop]], dtype=np.float64)
-            jitter = (torch.rand(4, 2, dtype=torch.float64).numpy() * 2 - 1) * cfg.wiggle_max_ratio * crop
+            jitter = (
+                (torch.rand(4, 2, dtype=torch.float64).numpy() * 2 - 1)
+                * cfg.wiggle_max_ratio
+                * crop
+            )
             forward = _homography_from_points(square, square + jitter) @ forward
         if cfg.reflect and float(torch.rand(())) < 0.5:
             forward = np.array([[-1.0, 0, crop], [0, 1.0, 0], [0, 0, 1.0]]) @ forward
-        # Index coordinates: p_index = p_continuous - 0.5 on both sides.
+        # torchvision's image kernel reads the coefficients in continuous coordinates (it samples
+        # at pixel centres x + 0.5), its key-point kernel in index coordinates (pixel centres at
+        # integers): p_index = p_continuous - 0.5 on both sides.
         shift = np.array([[1.0, 0, 0.5], [0, 1.0, 0.5], [0, 0, 1.0]])
         forward_index = np.linalg.inv(shift) @ forward @ shift
         canvas = (max(height, crop), max(width, crop))
         return {
-            "coefficients": _homography_coefficients(forward_index),
+            "coefficients": _homography_coefficients(forward),
+            "coefficients_points": _homography_coefficients(forward_index),
             "padding": [0, 0, canvas[1] - width, canvas[0] - height],
             "crop": crop,
         }
@@ -319,12 +344,16 @@ class RandomGeometry(Transform):
         if any(params["padding"]):
             inpt = self._call_kernel(F.pad, inpt, padding=params["padding"], fill=fill)
         kwargs: dict[str, Any] = {"coefficients": params["coefficients"]}
-        if isinstance(inpt, tv_tensors.Image):
+        if isinstance(inpt, tv_tensors.KeyPoints):
+            kwargs["coefficients"] = params["coefficients_points"]
+        elif isinstance(inpt, tv_tensors.Image):
             kwargs.update(interpolation=F.InterpolationMode.BILINEAR, fill=fill)
         elif isinstance(inpt, tv_tensors.Mask):
             kwargs.update(fill=fill)
         inpt = self._call_kernel(F.perspective, inpt, None, None, **kwargs)
-        return self._call_kernel(F.crop, inpt, top=0, left=0, height=params["crop"], width=params["crop"])
+        return self._call_kernel(
+            F.crop, inpt, top=0, left=0, height=params["crop"], width=params["crop"]
+        )
 
 
 def _homography_from_points(source: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -427,8 +456,16 @@ class SampleTransform:
         vertices = spatial["scribble_points"].as_subclass(torch.Tensor).numpy()
         classes, counts = scribble_layout
         bounds = np.cumsum([0, *counts])
-        scribbles = [(c, vertices[a:b]) for c, a, b in zip(classes, bounds[:-1], bounds[1:], strict=True)]
-        clicks = list(zip(click_classes, spatial["click_points"].as_subclass(torch.Tensor).numpy(), strict=True))
+        scribbles = [
+            (c, vertices[a:b]) for c, a, b in zip(classes, bounds[:-1], bounds[1:], strict=True)
+        ]
+        clicks = list(
+            zip(
+                click_classes,
+                spatial["click_points"].as_subclass(torch.Tensor).numpy(),
+                strict=True,
+            )
+        )
         width = self.config.stroke_width
         return {
             "image": image.contiguous(),
@@ -440,7 +477,9 @@ class SampleTransform:
         }
 
 
-def build_transform(config: AugmentationConfig | None = None, train: bool = True) -> SampleTransform:
+def build_transform(
+    config: AugmentationConfig | None = None, train: bool = True
+) -> SampleTransform:
     """The transform of a training (random) or validation (deterministic) dataset.
 
     Args:

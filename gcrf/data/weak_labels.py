@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import xml.etree.ElementTree as ElementTree
@@ -115,7 +116,9 @@ def parse_scribblesup_xml(
     except ElementTree.ParseError as error:
         raise ValueError(f"scribble annotation {name}: not valid XML ({error})") from error
     if root.tag != "annotation":
-        raise ValueError(f"scribble annotation {name}: root element is <{root.tag}>, expected <annotation>")
+        raise ValueError(
+            f"scribble annotation {name}: root element is <{root.tag}>, expected <annotation>"
+        )
     size = root.find("size")
     if size is None or size.findtext("width") is None or size.findtext("height") is None:
         raise ValueError(f"scribble annotation {name}: missing <size><width/><height/></size>")
@@ -140,9 +143,7 @@ def parse_scribblesup_xml(
     return scribbles
 
 
-def load_click_file(
-    path: str | Path, expected_sha256: str | None = None
-) -> dict[str, list[Click]]:
+def load_click_file(path: str | Path, expected_sha256: str | None = None) -> dict[str, list[Click]]:
     """Read a click JSON file (plain or ``.gz``) and verify its content.
 
     Args:
@@ -177,7 +178,9 @@ def load_click_file(
     except json.JSONDecodeError as error:
         raise ValueError(f"click file {path}: not valid JSON ({error})") from error
     if not isinstance(content, dict):
-        raise ValueError(f"click file {path}: expected an object {{image_name: [...]}}, got {type(content).__name__}")
+        raise ValueError(
+            f"click file {path}: expected an object {{image_name: [...]}}, got {type(content).__name__}"
+        )
     clicks: dict[str, list[Click]] = {}
     for image_name, entries in content.items():
         try:
@@ -186,7 +189,9 @@ def load_click_file(
                 for e in entries
             ]
         except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"click file {path}: malformed entry for image {image_name!r} ({error})") from error
+            raise ValueError(
+                f"click file {path}: malformed entry for image {image_name!r} ({error})"
+            ) from error
     return clicks
 
 
@@ -254,7 +259,7 @@ def _polyline_pixels(points: np.ndarray) -> np.ndarray:
     """Integer ``(x, y)`` pixels hit by a polyline sampled every <= 0.5 px (vertices included)."""
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     samples = [points[:1]]
-    for a, b in zip(points[:-1], points[1:], strict=True):
+    for a, b in itertools.pairwise(points):
         steps = max(1, math.ceil(2 * float(np.abs(b - a).max())))
         t = np.linspace(0.0, 1.0, steps + 1)[1:, None]
         samples.append(a + (b - a) * t)

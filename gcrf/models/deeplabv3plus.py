@@ -247,7 +247,14 @@ class DeepLabV3Plus(nn.Module):
         if not aspp_rates or not all(isinstance(r, int) and r >= 1 for r in aspp_rates):
             raise ValueError(f"aspp_rates must be positive integers; got {aspp_rates!r}")
 
-        encoder_kwargs = {"in_chans": in_channels, **dict(encoder_kwargs or {})}
+        encoder_kwargs = dict(encoder_kwargs or {})
+        for reserved in ("in_chans", "features_only", "out_indices", "output_stride", "pretrained"):
+            if reserved in encoder_kwargs:
+                raise ValueError(
+                    f"encoder_kwargs must not set {reserved!r} (DeepLabV3Plus sets it; use its own "
+                    f"arguments in_channels, output_stride, pretrained); got {encoder_kwargs!r}"
+                )
+        encoder_kwargs["in_chans"] = in_channels
         spec = probe_encoder(encoder, encoder_kwargs)
         if output_stride > spec.natural_stride:
             raise ValueError(
