@@ -12,6 +12,7 @@ from gcrf.data.synthetic import (
     SceneConfig,
     SyntheticDataModule,
     generate_scene,
+    synthetic_augmentation,
     synthetic_class_names,
     synthetic_palette,
 )
@@ -82,7 +83,10 @@ def test_weak_label_points_keep_the_margin_from_every_boundary() -> None:
 
 def test_rasterised_weak_labels_never_disagree_with_the_dense_mask() -> None:
     datamodule = SyntheticDataModule(
-        image_size=64, train_length=NUM_SCENES, val_length=4, stroke_width=3, reflect=True
+        image_size=64,
+        train_length=NUM_SCENES,
+        val_length=4,
+        augmentation=synthetic_augmentation(64, stroke_width=3),
     )
     datamodule.setup("fit")
     disagreements = 0
@@ -103,7 +107,10 @@ def test_weak_label_coverage() -> None:
     about 2.5 % of the pixels and ≥ 90 % of the visible object parts; clicks about 0.1 %.
     """
     datamodule = SyntheticDataModule(
-        image_size=64, train_length=NUM_SCENES, val_length=4, reflect=False
+        image_size=64,
+        train_length=NUM_SCENES,
+        val_length=4,
+        augmentation=synthetic_augmentation(64, reflect=False),
     )
     datamodule.setup("fit")
     scribble_pixels = click_pixels = total_pixels = 0
@@ -114,7 +121,7 @@ def test_weak_label_coverage() -> None:
         scribble_pixels += int((scribbles != 255).sum())
         click_pixels += int((clicks != 255).sum())
         total_pixels += scribbles.numel()
-        instances = datamodule.train_dataset.raw(index)["instances"]
+        instances = datamodule.train_raw[index]["instances"]
         for instance_id in np.unique(instances)[1:]:
             labelled, count = ndimage.label(instances == instance_id)
             for part in range(1, count + 1):
@@ -135,7 +142,12 @@ def test_weak_label_coverage() -> None:
 def test_every_boundary_band_is_unlabelled() -> None:
     # Pixels within 2 px of another class carry no weak label (vertices keep 3 px; the rasterised
     # stroke between two vertices may cut a corner by < 1 px): the band CE on scribbles cannot see.
-    datamodule = SyntheticDataModule(image_size=64, train_length=10, val_length=4, reflect=False)
+    datamodule = SyntheticDataModule(
+        image_size=64,
+        train_length=10,
+        val_length=4,
+        augmentation=synthetic_augmentation(64, reflect=False),
+    )
     datamodule.setup("fit")
     for index in range(10):
         item = datamodule.train_dataset[index]
@@ -215,7 +227,12 @@ def test_datamodule_batches_follow_the_sample_contract() -> None:
 
 
 def test_label_histogram_counts_the_labels_of_the_modality() -> None:
-    datamodule = SyntheticDataModule(image_size=32, train_length=5, val_length=2, reflect=False)
+    datamodule = SyntheticDataModule(
+        image_size=32,
+        train_length=5,
+        val_length=2,
+        augmentation=synthetic_augmentation(32, reflect=False),
+    )
     datamodule.setup("fit")
     for modality in ("semseg_dense", "semseg_scribbles"):
         expected = torch.zeros(datamodule.num_classes, dtype=torch.float64)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from gcrf.data.synthetic import SyntheticDataModule
+from gcrf.data.synthetic import SyntheticDataModule, synthetic_augmentation
 from gcrf.loss.module import GatedCRFLoss
 from gcrf.training import (
     PlainProgressLog,
@@ -187,7 +187,7 @@ def test_objective_is_the_weighted_sum_of_ce_and_gated_crf() -> None:
         gated_crf_use_after_progress_ratio=0.0,
     )
     module._gated_crf_start = 0  # no trainer attached: the term is on from step 0
-    datamodule = _datamodule(stroke_width=3)
+    datamodule = _datamodule(augmentation=synthetic_augmentation(32, stroke_width=3))
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     before = {k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}

@@ -26,15 +26,16 @@ geometric transforms with the image and are rasterised at the end.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from scipy import ndimage
+
+from gcrf.data.datamodule import WeakSegmentationDataModule
+from gcrf.data.transforms import AugmentationConfig
 
 __all__ = [
     "SHAPE_NAMES",
@@ -42,6 +43,7 @@ __all__ = [
     "SceneConfig",
     "SyntheticDataModule",
     "generate_scene",
+    "synthetic_augmentation",
     "synthetic_class_names",
     "synthetic_palette",
 ]
@@ -425,67 +427,27 @@ class ProceduralScenes(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------- data module
-_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-_IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+def synthetic_augmentation(
+    image_size: int, stroke_width: int = 1, reflect: bool = True
+) -> AugmentationConfig:
+    """The default augmentation of procedural scenes: horizontal flips only, no crop or rescale.
+
+    Args:
+        image_size: side of the scenes (the crop keeps all of it).
+        stroke_width: pen width of rasterised scribbles and clicks.
+        reflect: random horizontal flips in training.
+    """
+    return AugmentationConfig(
+        crop_size=image_size,
+        scale_min=1.0,
+        scale_max=1.0,
+        reflect=reflect,
+        validation_center_crop=False,
+        stroke_width=stroke_width,
+    )
 
 
-def _rasterise(
-    shapes: Sequence[tuple[int, np.ndarray]], size: tuple[int, int], stroke_width: int
-) -> np.ndarray:
-    """Label map (255 = unlabelled) of polylines / points drawn with a square pen of ``stroke_width``."""
-    height, width = size
-    labels = np.full((height, width), 255, dtype=np.int64)
-    half = (stroke_width - 1) // 2
-    for class_id, points in shapes:
-        points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-        samples = [points[:1]]
-        for a, b in itertools.pairwise(points):
-            steps = max(1, math.ceil(2 * float(np.abs(b - a).max())))
-            t = np.linspace(0.0, 1.0, steps + 1)[1:, None]
-            samples.append(a + (b - a) * t)
-        dense = np.rint(np.concatenate(samples)).astype(np.int64)
-        for dy in range(-half, stroke_width - half):
-            for dx in range(-half, stroke_width - half):
-                rows, cols = dense[:, 1] + dy, dense[:, 0] + dx
-                keep = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
-                labels[rows[keep], cols[keep]] = class_id
-    return labels
-
-
-class _StandInTransform:
-    """Raw scene → CONTRACTS §2 sample: optional horizontal flip, rasterise, normalise."""
-
-    def __init__(self, stroke_width: int = 1, reflect: bool = False) -> None:
-        self.stroke_width = stroke_width
-        self.reflect = reflect
-
-    def __call__(self, scene: dict[str, Any]) -> dict[str, Any]:
-        image, dense = scene["image"], scene["semseg_dense"]
-        height, width = dense.shape
-        scribbles, clicks = scene["scribbles"], scene["clicks"]
-        if self.reflect and torch.rand(()).item() < 0.5:
-            image, dense = image[:, ::-1], dense[:, ::-1]
-
-            def flip(shapes: Sequence[tuple[int, np.ndarray]]) -> list[tuple[int, np.ndarray]]:
-                return [(c, np.stack([width - 1 - p[:, 0], p[:, 1]], axis=1)) for c, p in shapes]
-
-            scribbles, clicks = flip(scribbles), flip(clicks)
-        image = (image - _IMAGENET_MEAN) / _IMAGENET_STD
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            "semseg_dense": torch.from_numpy(np.ascontiguousarray(dense)),
-            "semseg_scribbles": torch.from_numpy(
-                _rasterise(scribbles, (height, width), self.stroke_width)
-            ),
-            "semseg_clicks": torch.from_numpy(
-                _rasterise(clicks, (height, width), self.stroke_width)
-            ),
-            "valid": torch.ones(1, height, width),
-            "index": scene["index"],
-        }
-
-
-class SyntheticDataModule(pl.LightningDataModule):
+class SyntheticDataModule(WeakSegmentationDataModule):
     """Procedural scenes as a Lightning data module: no download, no files.
 
     Training and validation sets are :class:`ProceduralScenes` with seeds ``seed`` and
@@ -497,13 +459,13 @@ class SyntheticDataModule(pl.LightningDataModule):
         image_size: side of a scene in pixels.
         train_length: number of training scenes.
         val_length: number of validation scenes.
-        seed: seed of the training scenes (validation uses ``seed + 1``).
+        seed: seed of the training scenes (validation uses ``seed + 1``) and of the shuffle.
+        augmentation: augmentation settings; ``None``: :func:`synthetic_augmentation` (flips only,
+            the scenes are already at training size).
         batch_size: training batch size.
         batch_size_validation: validation batch size.
         num_workers: training loader workers.
         num_workers_validation: validation loader workers.
-        stroke_width: pen width in pixels of rasterised scribbles and clicks.
-        reflect: random horizontal flips in training.
         scribble_margin: least distance of weak labels to any region boundary (pixels).
         objects_min: fewest objects per scene.
         objects_max: most objects per scene.
@@ -524,19 +486,25 @@ class SyntheticDataModule(pl.LightningDataModule):
         train_length: int = 1024,
         val_length: int = 256,
         seed: int = 0,
+        augmentation: AugmentationConfig | None = None,
         batch_size: int = 8,
         batch_size_validation: int = 64,
         num_workers: int = 0,
         num_workers_validation: int = 0,
-        stroke_width: int = 1,
-        reflect: bool = True,
         scribble_margin: float = 3.0,
         objects_min: int = 2,
         objects_max: int = 4,
         noise_std: float = 0.03,
         cache: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            augmentation if augmentation is not None else synthetic_augmentation(image_size),
+            batch_size=batch_size,
+            batch_size_validation=batch_size_validation,
+            num_workers=num_workers,
+            num_workers_validation=num_workers_validation,
+            seed=seed,
+        )
         self.scene_config = SceneConfig(
             image_size=image_size,
             num_classes=num_classes,
@@ -548,79 +516,15 @@ class SyntheticDataModule(pl.LightningDataModule):
         for name, value in (("train_length", train_length), ("val_length", val_length)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        for name, value in (
-            ("batch_size", batch_size),
-            ("batch_size_validation", batch_size_validation),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if stroke_width < 1:
-            raise ValueError(f"stroke_width must be >= 1, got {stroke_width!r}")
         self.num_classes = num_classes
         self.class_names = synthetic_class_names(num_classes)
         self.palette = synthetic_palette(num_classes)
         self.train_length = train_length
         self.val_length = val_length
-        self.seed = seed
-        self.batch_size = batch_size
-        self.batch_size_validation = batch_size_validation
-        self.num_workers = num_workers
-        self.num_workers_validation = num_workers_validation
-        self.stroke_width = stroke_width
-        self.reflect = reflect
         self.cache = cache
-        self.train_dataset: ProceduralScenes | None = None
-        self.val_dataset: ProceduralScenes | None = None
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is None:
-            self.train_dataset = ProceduralScenes(
-                self.train_length,
-                self.scene_config,
-                seed=self.seed,
-                transform=_StandInTransform(self.stroke_width, self.reflect),
-                cache=self.cache,
-            )
-        if self.val_dataset is None:
-            self.val_dataset = ProceduralScenes(
-                self.val_length,
-                self.scene_config,
-                seed=self.seed + 1,
-                transform=_StandInTransform(self.stroke_width, reflect=False),
-                cache=self.cache,
-            )
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        self.setup("fit")
-        generator = torch.Generator().manual_seed(self.seed)
-        return torch.utils.data.DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=self.num_workers,
-            generator=generator,
-            persistent_workers=self.num_workers > 0,
+    def build_datasets(self) -> tuple[ProceduralScenes, ProceduralScenes]:
+        return (
+            ProceduralScenes(self.train_length, self.scene_config, self.seed, cache=self.cache),
+            ProceduralScenes(self.val_length, self.scene_config, self.seed + 1, cache=self.cache),
         )
-
-    def val_dataloader(self) -> torch.utils.data.DataLoader:
-        self.setup("validate")
-        return torch.utils.data.DataLoader(
-            self.val_dataset,
-            batch_size=self.batch_size_validation,
-            shuffle=False,
-            num_workers=self.num_workers_validation,
-        )
-
-    def label_histogram(self, modality: str = "semseg_dense") -> torch.Tensor:
-        """Pixel count of every class in the training labels of ``modality`` (no augmentation)."""
-        self.setup("fit")
-        counts = torch.zeros(self.num_classes, dtype=torch.float64)
-        for index in range(self.train_length):
-            scene = self.train_dataset.raw(index)
-            labels = _StandInTransform(self.stroke_width)(scene)[modality]
-            labels = labels[labels != 255]
-            counts += torch.bincount(labels.flatten(), minlength=self.num_classes)[
-                : self.num_classes
-            ]
-        return counts
