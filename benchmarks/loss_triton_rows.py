@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 import triton.testing
-from gcrf.kernels.gated_crf import gated_crf_pairwise_sum as triton_pairwise_sum
 
+from gcrf.kernels.gated_crf import gated_crf_pairwise_sum as triton_pairwise_sum
 from gcrf.loss.torch_backend import gated_crf_pairwise_sum as torch_pairwise_sum
 
 logger = logging.getLogger("benchmarks.loss_triton_rows")

@@ -464,6 +464,8 @@ def affinity_overlay(
     if not isinstance(gamma, (int, float)) or not gamma > 0:
         raise ValueError(f"gamma must be a positive number, got {gamma!r}")
     v = _normalize_map("affinity", affinity, vmax).to(image.device)
+    if image.dim() == 4 and image.shape[0] == 1 and v.dim() == 2:
+        v = v.unsqueeze(0)  # a batch of one: 1×h×w was read as a single map
     if (image.dim() == 4) != (v.dim() == 3) or (image.dim() == 4 and v.shape[0] != image.shape[0]):
         raise ValueError(
             f"affinity must be one map per image, got image {tuple(image.shape)} and affinity "

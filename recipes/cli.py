@@ -43,6 +43,7 @@ __all__ = [
     "build_gated_crf_loss",
     "build_network",
     "configure_logging",
+    "recipe_main",
     "run_recipe",
 ]
 
@@ -220,9 +221,7 @@ class RecipeCLI(LightningCLI):
             help="Checkpoint to resume from (the same step, LR, optimiser and best mIoU); 'last' "
             "picks the run's last.ckpt.",
         )
-        parser.link_arguments(
-            "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
-        )
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.set_defaults(self._recipe_defaults)
 
 
@@ -262,3 +261,17 @@ def run_recipe(
     if run:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     return cli
+
+
+def recipe_main(
+    datamodule_class: type[LightningDataModule] | Callable[..., LightningDataModule],
+    defaults: Mapping[str, Any],
+) -> Callable[..., RecipeCLI]:
+    """The ``main(args=None, run=True)`` entry of a recipe module: :func:`run_recipe` bound to its
+    data module and defaults."""
+
+    def main(args: list[str] | None = None, run: bool = True) -> RecipeCLI:
+        """Parse ``args`` (default: the command line) and train (``run=False``: only build)."""
+        return run_recipe(datamodule_class, defaults, args, run=run)
+
+    return main

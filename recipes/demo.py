@@ -82,6 +82,7 @@ def _run_one(
     datamodule_kwargs: dict,
     model_name: str,
     model_encoder_name: str,
+    aspp_channels: int,
     lr: float,
     gatedcrf_kernels: list[dict[str, float]],
     gatedcrf_radius: int,
@@ -93,7 +94,13 @@ def _run_one(
 ) -> DemoResult:
     pl.seed_everything(seed, workers=True, verbose=False)
     datamodule = SyntheticDataModule(seed=seed, **datamodule_kwargs)
-    network = build_network(model_name, model_encoder_name, datamodule.num_classes, False)
+    network = build_network(
+        model_name,
+        model_encoder_name,
+        datamodule.num_classes,
+        False,
+        {"aspp_channels": aspp_channels},
+    )
     module = SegmentationModule(
         network,
         datamodule.num_classes,
@@ -147,6 +154,7 @@ def demo(
     batch_size: int = 8,
     model_name: str = "deeplabv3p",
     model_encoder_name: str = "mobilenetv3_small_050",
+    aspp_channels: int = 64,
     lr: float = 1e-3,
     gatedcrf_weight: float = 1.0,
     gatedcrf_xy_sigma: float = 6.0,
@@ -170,6 +178,7 @@ def demo(
         batch_size: training batch size.
         model_name: architecture in ``gcrf.models``.
         model_encoder_name: timm encoder (trained from scratch: no download).
+        aspp_channels: width of the ASPP and decoder (256 in the paper; 64 keeps the demo fast).
         lr: Adam learning rate (polynomial decay, power 0.9).
         gatedcrf_weight: weight of the Gated CRF term.
         gatedcrf_xy_sigma: σ of the position kernel (prediction pixels).
@@ -210,6 +219,7 @@ def demo(
                 datamodule_kwargs=datamodule_kwargs,
                 model_name=model_name,
                 model_encoder_name=model_encoder_name,
+                aspp_channels=aspp_channels,
                 lr=lr,
                 gatedcrf_kernels=kernels,
                 gatedcrf_radius=gatedcrf_radius,

@@ -18,13 +18,13 @@ import sys
 
 import pytest
 import torch
+
 from gcrf.kernels import gated_crf
 from gcrf.kernels.gated_crf import (
     SUPPORTED_SPATIAL_RANKS,
     gated_crf_pairwise_sum,
     window_affinity,
 )
-
 from gcrf.loss import torch_backend
 from tests.loss_reference import naive_pairwise_sum, naive_window_affinity
 

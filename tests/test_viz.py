@@ -192,6 +192,11 @@ def test_affinity_overlay_batch_and_bad_input() -> None:
     images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     out = viz.affinity_overlay(images, torch.rand(2, 1, 4, 4))
     assert out.shape == (2, 3, 4, 4)
+    # A batch of one image with a 1×h×w map (the TensorBoard grid of a single observed sample).
+    single_map = torch.rand(1, 4, 4)
+    one = viz.affinity_overlay(images[:1], single_map, alpha=1.0)
+    assert one.shape == (1, 3, 4, 4)
+    assert torch.equal(one[0], viz.affinity_overlay(images[0], single_map[0], alpha=1.0))
     with pytest.raises(ValueError, match="integer fraction"):
         viz.affinity_overlay(images[0], torch.rand(3, 3))
     with pytest.raises(ValueError, match="one map per image"):

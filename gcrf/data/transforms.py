@@ -68,7 +68,7 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class AugmentationConfig:
     """Augmentation settings (published flags ``aug_*``).
 

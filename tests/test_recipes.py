@@ -1,0 +1,152 @@
+"""The recipes: every published flag has a home on the real command line; short runs of each recipe."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recipes import synthetic
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+#: Every argument of the published ``scripts/train.py`` (its README's usage block), in order.
+PUBLISHED_FLAGS = (
+    "--log_dir",
+    "--datasets_dir",
+    "--dataset",
+    "--dataset_download",
+    "--workers",
+    "--workers_validation",
+    "--num_batches_train_total",
+    "--num_batches_validation_step",
+    "--batch_size",
+    "--batch_size_validation",
+    "--aug_input_crop_size",
+    "--aug_geom_scale_min",
+    "--aug_geom_scale_max",
+    "--aug_geom_tilt_max_deg",
+    "--aug_geom_wiggle_max_ratio",
+    "--aug_geom_reflect",
+    "--aug_geom_validation_center_crop_sts",
+    "--aug_geom_validation_center_crop_size",
+    "--aug_semseg_weak_stroke_width",
+    "--optimizer",
+    "--optimizer_kwargs",
+    "--lr_scheduler",
+    "--lr_scheduler_power",
+    "--model_name",
+    "--model_encoder_name",
+    "--loss_cross_entropy_class_weights_sts",
+    "--loss_cross_entropy_modality",
+    "--loss_cross_entropy_weight",
+    "--loss_gatedcrf_sts",
+    "--loss_gatedcrf_resolution",
+    "--loss_gatedcrf_radius",
+    "--loss_gatedcrf_kernels_desc",
+    "--loss_gatedcrf_weight",
+    "--loss_gatedcrf_use_after_progress_ratio",
+    "--num_batches_visualization_first",
+    "--num_batches_visualization_step",
+    "--visualize_num_samples_in_batch",
+    "--observe_train_ids",
+    "--observe_valid_ids",
+    "--tensorboard_img_grid_width",
+)
+
+
+def flag_table() -> dict[str, str]:
+    """The README's published-flag table: old flag → the text of its "gcrf" cell."""
+    text = README.read_text()
+    block = text.split("<!-- published-flags:start -->")[1].split("<!-- published-flags:end -->")[0]
+    rows = {}
+    for line in block.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0].startswith("`--"):
+            rows[cells[0].strip("`")] = cells[1]
+    return rows
+
+
+def config_keys(main, capsys) -> set[str]:
+    """Dotted keys of a recipe's full configuration, read from its real ``--print_config``."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--print_config"], run=False)
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+
+    def flatten(node, prefix=""):
+        for key, value in node.items():
+            yield f"{prefix}{key}"
+            if isinstance(value, dict):
+                yield from flatten(value, f"{prefix}{key}.")
+
+    return set(flatten(config))
+
+
+def test_every_published_flag_has_a_row() -> None:
+    table = flag_table()
+    assert sorted(table) == sorted(PUBLISHED_FLAGS)
+
+
+def test_the_flag_table_names_real_arguments(capsys) -> None:
+    voc = pytest.importorskip("recipes.voc_clicks")
+    keys = config_keys(voc.main, capsys)
+    new_flags = []
+    for old, cell in flag_table().items():
+        named = re.findall(r"`--([a-z_][a-z0-9_.]*)`", cell)
+        if old == "--dataset":
+            assert "recipes.voc_" in cell and "recipes.cityscapes_" in cell
+            continue
+        assert named, f"{old} maps to no new argument: {cell!r}"
+        new_flags.extend(named)
+    missing = sorted(flag for flag in new_flags if flag not in keys)
+    assert not missing, f"the README table names arguments the CLI does not have: {missing}"
+
+
+def test_recipe_defaults_reach_the_objects() -> None:
+    cli = synthetic.main(
+        [
+            "--data.image_size=32",
+            "--data.train_length=4",
+            "--data.val_length=2",
+            "--model.loss_cross_entropy_modality=semseg_scribbles",
+            "--model.loss_gatedcrf=true",
+            "--model.loss_gatedcrf_resolution=16",
+            "--model.loss_gatedcrf_kernels_desc=[{weight: 1, xy: 4, rgb: 0.2}]",
+            "--trainer.max_steps=7",
+        ],
+        run=False,
+    )
+    module = cli.model
+    assert module.num_classes == cli.datamodule.num_classes == 4
+    assert module.cross_entropy_modality == "semseg_scribbles"
+    assert module.gated_crf is not None and module.gated_crf_resolution == 16
+    assert module.gated_crf._kernels_desc == [{"weight": 1, "xy": 4, "rgb": 0.2}]
+    assert cli.trainer.max_steps == 7
+
+
+@pytest.mark.parametrize("gated_crf", [False, True])
+def test_synthetic_recipe_trains(tmp_path, gated_crf) -> None:
+    cli = synthetic.main(
+        [
+            "--data.image_size=32",
+            "--data.train_length=4",
+            "--data.val_length=2",
+            "--data.batch_size=2",
+            "--data.batch_size_validation=2",
+            "--model.loss_cross_entropy_modality=semseg_scribbles",
+            f"--model.loss_gatedcrf={str(gated_crf).lower()}",
+            "--model.loss_gatedcrf_use_after_progress_ratio=0",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            "--trainer.num_sanity_val_steps=0",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    metrics = cli.trainer.callback_metrics
+    assert cli.trainer.global_step == 2
+    assert 0.0 <= float(metrics["val/mIoU"]) <= 1.0
+    assert (float(metrics["train/loss_gatedcrf"]) > 0) == gated_crf
+    assert list(tmp_path.rglob("last.ckpt")), "no checkpoint written"
