@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gcrf.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # one home: the data pipeline
+
 if TYPE_CHECKING:  # pragma: no cover - only for type checkers
     from matplotlib.figure import Figure
 
@@ -55,10 +57,6 @@ __all__ = [
     "to_uint8_image",
 ]
 
-#: Channel means of the ImageNet normalisation (RGB, images in [0, 1]).
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-#: Channel standard deviations of the ImageNet normalisation (RGB, images in [0, 1]).
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 #: Default colour of the ignore label: the "void" colour of the Pascal VOC annotations, which no
 #: VOC or Cityscapes class uses.
 IGNORE_COLOR: tuple[int, int, int] = (224, 224, 192)

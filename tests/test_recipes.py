@@ -150,3 +150,35 @@ def test_synthetic_recipe_trains(tmp_path, gated_crf) -> None:
     assert 0.0 <= float(metrics["val/mIoU"]) <= 1.0
     assert (float(metrics["train/loss_gatedcrf"]) > 0) == gated_crf
     assert list(tmp_path.rglob("last.ckpt")), "no checkpoint written"
+
+
+def test_gap_closed() -> None:
+    from recipes.demo import gap_closed
+
+    assert gap_closed(0.8, 0.6, 0.7) == pytest.approx(0.5)
+    assert gap_closed(0.8, 0.6, 0.9) == pytest.approx(1.5)
+    assert gap_closed(0.6, 0.6, 0.7) != gap_closed(0.6, 0.6, 0.7)  # no gap: NaN
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_demo_runs_three_settings_and_prints_the_table(tmp_path, capsys, workers) -> None:
+    from recipes.demo import main
+
+    results = main(
+        [
+            "--steps=2",
+            "--image_size=32",
+            "--train_length=4",
+            "--val_length=2",
+            "--batch_size=2",
+            "--validations=1",
+            f"--workers={workers}",
+            f"--output_dir={tmp_path}",
+        ]
+    )
+    assert [r.name for r in results] == ["full", "scribbles", "scribbles_gatedcrf"]
+    assert all(r.steps == 2 and 0.0 <= r.miou <= 1.0 for r in results)
+    out = capsys.readouterr().out
+    assert "Gated CRF closes" in out and str(tmp_path) in out
+    for result in results:
+        assert list(Path(result.log_dir).glob("events.out.tfevents.*")), result.log_dir
