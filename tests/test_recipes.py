@@ -182,3 +182,67 @@ def test_demo_runs_three_settings_and_prints_the_table(tmp_path, capsys, workers
     assert "Gated CRF closes" in out and str(tmp_path) in out
     for result in results:
         assert list(Path(result.log_dir).glob("events.out.tfevents.*")), result.log_dir
+
+
+#: A network small enough for seconds-long runs, without any download.
+TINY_MODEL = (
+    "--model.model_encoder_name=mobilenetv3_small_050",
+    "--model.model_pretrained=false",
+    "--model.model_kwargs={aspp_channels: 16}",
+)
+
+
+def short_run(tmp_path: Path) -> tuple[str, ...]:
+    """Two training steps, one validation batch, on the CPU."""
+    return (
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.num_sanity_val_steps=0",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+        "--data.num_workers=0",
+        "--data.num_workers_validation=0",
+    )
+
+
+def check_short_run(cli, modality: str, gated_crf: bool) -> None:
+    module, metrics = cli.model, cli.trainer.callback_metrics
+    assert cli.trainer.global_step == 2
+    assert module.cross_entropy_modality == modality
+    assert (module.gated_crf is not None) == gated_crf
+    assert 0.0 <= float(metrics["val/mIoU"]) <= 1.0
+    if gated_crf:  # the paper's weak recipes weight CE by the classes of the weak labels
+        assert module.class_weights is not None
+        assert float(module.class_weights.sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "modality", "gated_crf"),
+    [("cityscapes_full", "semseg_dense", False), ("cityscapes_clicks", "semseg_clicks", True)],
+)
+def test_cityscapes_recipes_train_on_a_fake_tree(tmp_path, recipe, modality, gated_crf) -> None:
+    import importlib
+
+    from gcrf.data.cityscapes_clicks import main as write_clicks
+    from tests.test_cityscapes import make_tree
+
+    root = tmp_path / "cityscapes"
+    make_tree(root)
+    if gated_crf:
+        assert write_clicks(["--root", str(root), "--workers", "0"]) == 0
+    main = importlib.import_module(f"recipes.{recipe}").main
+    cli = main(
+        [
+            f"--data.root={root}",
+            "--data.augmentation.crop_size=32",
+            "--data.batch_size=2",
+            "--data.batch_size_validation=1",
+            "--model.loss_gatedcrf_resolution=16",
+            *TINY_MODEL,
+            *short_run(tmp_path),
+        ]
+    )
+    assert cli.datamodule.num_classes == cli.model.num_classes == 19
+    check_short_run(cli, modality, gated_crf)
