@@ -218,24 +218,47 @@ def check_short_run(cli, modality: str, gated_crf: bool) -> None:
         assert float(module.class_weights.sum()) == pytest.approx(1.0, abs=1e-5)
 
 
-@pytest.mark.parametrize(
-    ("recipe", "modality", "gated_crf"),
-    [("cityscapes_full", "semseg_dense", False), ("cityscapes_clicks", "semseg_clicks", True)],
-)
-def test_cityscapes_recipes_train_on_a_fake_tree(tmp_path, recipe, modality, gated_crf) -> None:
-    import importlib
-
+def _cityscapes_tree(root: Path, clicks: bool) -> list[str]:
     from gcrf.data.cityscapes_clicks import main as write_clicks
     from tests.test_cityscapes import make_tree
 
-    root = tmp_path / "cityscapes"
     make_tree(root)
-    if gated_crf:
+    if clicks:
         assert write_clicks(["--root", str(root), "--workers", "0"]) == 0
+    return []
+
+
+def _voc_tree(root: Path, clicks: bool) -> list[str]:
+    from tests.test_voc import make_voc_tree
+
+    make_voc_tree(root)
+    return [
+        f"--data.clicks_dir={root / 'clicks'}",
+        "--data.augmentation.validation_center_crop_size=32",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "modality", "gated_crf"),
+    [
+        ("cityscapes_full", "semseg_dense", False),
+        ("cityscapes_clicks", "semseg_clicks", True),
+        ("voc_full", "semseg_dense", False),
+        ("voc_scribbles", "semseg_scribbles", True),
+        ("voc_clicks", "semseg_clicks", True),
+    ],
+)
+def test_dataset_recipes_train_on_a_fake_tree(tmp_path, recipe, modality, gated_crf) -> None:
+    import importlib
+
+    voc = recipe.startswith("voc")
+    root = tmp_path / "data"
+    extra = (_voc_tree if voc else _cityscapes_tree)(root, clicks=modality == "semseg_clicks")
     main = importlib.import_module(f"recipes.{recipe}").main
     cli = main(
         [
             f"--data.root={root}",
+            *extra,
             "--data.augmentation.crop_size=32",
             "--data.batch_size=2",
             "--data.batch_size_validation=1",
@@ -244,5 +267,7 @@ def test_cityscapes_recipes_train_on_a_fake_tree(tmp_path, recipe, modality, gat
             *short_run(tmp_path),
         ]
     )
-    assert cli.datamodule.num_classes == cli.model.num_classes == 19
+    assert cli.datamodule.num_classes == cli.model.num_classes == (21 if voc else 19)
+    if voc:
+        assert cli.datamodule.use_scribbles == (recipe != "voc_clicks")
     check_short_run(cli, modality, gated_crf)
