@@ -171,19 +171,41 @@ def _load_tile_features(
     p_mask,
     NUM_FEATURES,
     P,
+    HAS_FEATURES: tl.constexpr,
+    BLOCK_P: tl.constexpr,
     BLOCK_F: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Features of the tile's own pixels [BLOCK_P, BLOCK_F] and the channel offsets (int64)."""
+    """Features of the tile's own pixels [BLOCK_P, BLOCK_F] and the channel offsets (int64).
+
+    Without features (xy-only kernels) the tile is zeros and every channel is masked off.
+    """
     offs_f = tl.arange(0, BLOCK_F)
-    f_mask = offs_f < NUM_FEATURES
-    offs_f64 = offs_f.to(tl.int64) * P
-    f_i = tl.load(
-        features_n_ptr + offs_f64[None, :] + offs_p[:, None],
-        mask=p_mask[:, None] & f_mask[None, :],
-        other=0.0,
-    ).to(ACC)
+    if HAS_FEATURES:
+        f_mask = offs_f < NUM_FEATURES
+        offs_f64 = offs_f.to(tl.int64) * P
+        f_i = tl.load(
+            features_n_ptr + offs_f64[None, :] + offs_p[:, None],
+            mask=p_mask[:, None] & f_mask[None, :],
+            other=0.0,
+        ).to(ACC)
+    else:
+        f_mask = offs_f < 0
+        offs_f64 = tl.zeros([BLOCK_F], dtype=tl.int64)
+        f_i = tl.zeros([BLOCK_P, BLOCK_F], dtype=ACC)
     return f_i, offs_f64, f_mask
+
+
+@triton.jit
+def _load_gate(
+    gate_n_ptr, offs, mask, HAS_GATE: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr
+):
+    """A gate (mask_src / mask_dst) at ``offs``, 0 where ``mask`` is off; all ones without a gate."""
+    if HAS_GATE:
+        gate = tl.load(gate_n_ptr + offs, mask=mask, other=0.0).to(ACC)
+    else:
+        gate = tl.full([BLOCK_P], 1.0, dtype=ACC)
+    return gate
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,22 +267,11 @@ def _gated_crf_kernel(
     field_b_n_ptr = field_b_ptr + pid_n * C * P
     features_n_ptr = features_ptr + pid_n * NUM_FEATURES * P
 
-    if HAS_FEATURES:
-        f_i, offs_f64, f_mask = _load_tile_features(
-            features_n_ptr, offs_p, p_mask, NUM_FEATURES, P, BLOCK_F, ACC
-        )
-    else:
-        f_i = tl.zeros([BLOCK_P, BLOCK_F], dtype=ACC)
-        offs_f64 = tl.zeros([BLOCK_F], dtype=tl.int64)
-        f_mask = tl.zeros([BLOCK_F], dtype=tl.int1)
-    if HAS_MASK_SRC:
-        m_src_i = tl.load(mask_src_ptr + pid_n * P + offs_p, mask=p_mask, other=0.0).to(ACC)
-    else:
-        m_src_i = tl.full([BLOCK_P], 1.0, dtype=ACC)
-    if HAS_MASK_DST:
-        m_dst_i = tl.load(mask_dst_ptr + pid_n * P + offs_p, mask=p_mask, other=0.0).to(ACC)
-    else:
-        m_dst_i = tl.full([BLOCK_P], 1.0, dtype=ACC)
+    f_i, offs_f64, f_mask = _load_tile_features(
+        features_n_ptr, offs_p, p_mask, NUM_FEATURES, P, HAS_FEATURES, BLOCK_P, BLOCK_F, ACC
+    )
+    m_src_i = _load_gate(mask_src_ptr + pid_n * P, offs_p, p_mask, HAS_MASK_SRC, BLOCK_P, ACC)
+    m_dst_i = _load_gate(mask_dst_ptr + pid_n * P, offs_p, p_mask, HAS_MASK_DST, BLOCK_P, ACC)
 
     message = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     weight_sum = tl.zeros([BLOCK_P], dtype=ACC)
@@ -279,10 +290,9 @@ def _gated_crf_kernel(
                     o, NUM_KERNELS, HAS_FEATURES, BLOCK_P, BLOCK_F, ACC,
                 )  # fmt: skip
                 kern = tl.where(valid, kern, 0.0)
-                if HAS_MASK_SRC:
-                    m_src_j = tl.load(mask_src_ptr + pid_n * P + p_j, mask=valid, other=0.0).to(ACC)
-                else:
-                    m_src_j = tl.full([BLOCK_P], 1.0, dtype=ACC)
+                m_src_j = _load_gate(
+                    mask_src_ptr + pid_n * P, p_j, valid, HAS_MASK_SRC, BLOCK_P, ACC
+                )
                 weight_ij = kern * m_dst_i * m_src_j  # G_ij K_ij
                 tile_mask = valid[:, None] & c_mask[None, :]
                 a_j = tl.load(
@@ -372,18 +382,10 @@ def _window_affinity_kernel(
     pid_n = tl.program_id(1).to(tl.int64)
     offs_p, p_mask, d_i, h_i, w_i = _tile_coordinates(pid_p, P, H, W, BLOCK_P)
     features_n_ptr = features_ptr + pid_n * NUM_FEATURES * P
-    if HAS_FEATURES:
-        f_i, offs_f64, f_mask = _load_tile_features(
-            features_n_ptr, offs_p, p_mask, NUM_FEATURES, P, BLOCK_F, ACC
-        )
-    else:
-        f_i = tl.zeros([BLOCK_P, BLOCK_F], dtype=ACC)
-        offs_f64 = tl.zeros([BLOCK_F], dtype=tl.int64)
-        f_mask = tl.zeros([BLOCK_F], dtype=tl.int1)
-    if HAS_MASK_DST:
-        m_dst_i = tl.load(mask_dst_ptr + pid_n * P + offs_p, mask=p_mask, other=0.0).to(ACC)
-    else:
-        m_dst_i = tl.full([BLOCK_P], 1.0, dtype=ACC)
+    f_i, offs_f64, f_mask = _load_tile_features(
+        features_n_ptr, offs_p, p_mask, NUM_FEATURES, P, HAS_FEATURES, BLOCK_P, BLOCK_F, ACC
+    )
+    m_dst_i = _load_gate(mask_dst_ptr + pid_n * P, offs_p, p_mask, HAS_MASK_DST, BLOCK_P, ACC)
 
     WINDOW: tl.constexpr = 2 * RADIUS + 1
     NUM_OFFSETS: tl.constexpr = (2 * RADIUS_D + 1) * WINDOW * WINDOW
@@ -401,9 +403,10 @@ def _window_affinity_kernel(
                     features_n_ptr, f_i, offs_f64, f_mask, p_j, valid, P, coef_ptr, bounds_ptr,
                     o, NUM_KERNELS, HAS_FEATURES, BLOCK_P, BLOCK_F, ACC,
                 )  # fmt: skip
-                value = tl.where(valid, kern, 0.0) * m_dst_i
-                if HAS_MASK_SRC:
-                    value *= tl.load(mask_src_ptr + pid_n * P + p_j, mask=valid, other=0.0).to(ACC)
+                m_src_j = _load_gate(
+                    mask_src_ptr + pid_n * P, p_j, valid, HAS_MASK_SRC, BLOCK_P, ACC
+                )
+                value = tl.where(valid, kern, 0.0) * m_dst_i * m_src_j
                 tl.store(
                     out_n_ptr + o.to(tl.int64) * P + offs_p,
                     value.to(out_ptr.dtype.element_ty),

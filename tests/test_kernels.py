@@ -613,3 +613,16 @@ def test_cuda_torch_compile_fullgraph_with_inductor():
     eager_loss.backward()
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(compiled_grad, conv.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("masks", ["none", "both"])
+def test_position_only_kernels_without_features(masks):
+    """xy-only kernels: the feature tensor has no channels and the kernel never loads features."""
+    inputs = make_inputs(num_features=0, masks=masks, seed=11)
+    window = {
+        "kernel_slices": [(0, 0), (0, 0)],
+        "kernel_weights": [1.0, 0.25],
+        "kernel_pos_scales": [(1 / 2, 1 / 3), (1 / 5, 1 / 5)],
+        "radius": 2,
+    }
+    assert_matches_reference(inputs, window, upstream=-0.8)

@@ -319,18 +319,21 @@ def test_resume_from_checkpoint_restores_step_lr_and_best_metric(tmp_path) -> No
         def on_validation_end(self, trainer, pl_module):
             scores.append(float(trainer.callback_metrics["val/mIoU"]))
 
-    callbacks = [
-        c
-        for c in default_callbacks(checkpoint_dir=str(tmp_path / "ckpt"))
-        if isinstance(c, ModelCheckpoint)
-    ]
-    trainer = _trainer(
-        tmp_path,
-        10,
-        val_check_interval=3,
-        enable_checkpointing=True,
-        callbacks=[*callbacks, RecordScores(), KillAt(7)],
-    )
+    def checkpointing_trainer(*extra: Callback) -> pl.Trainer:
+        checkpoints = [
+            c
+            for c in default_callbacks(checkpoint_dir=str(tmp_path / "ckpt"))
+            if isinstance(c, ModelCheckpoint)
+        ]
+        return _trainer(
+            tmp_path,
+            10,
+            val_check_interval=3,
+            enable_checkpointing=True,
+            callbacks=[*checkpoints, *extra],
+        )
+
+    trainer = checkpointing_trainer(RecordScores(), KillAt(7))
     with pytest.raises((SystemExit, KeyboardInterrupt)):  # Lightning shuts down and exits
         trainer.fit(make(), _datamodule())
     assert trainer.global_step == 7
@@ -349,18 +352,7 @@ def test_resume_from_checkpoint_restores_step_lr_and_best_metric(tmp_path) -> No
             seen["best"] = float(trainer.checkpoint_callback.best_model_score)
             seen["gcrf_active"] = pl_module.gated_crf_active()
 
-    callbacks = [
-        c
-        for c in default_callbacks(checkpoint_dir=str(tmp_path / "ckpt"))
-        if isinstance(c, ModelCheckpoint)
-    ]
-    resumed = _trainer(
-        tmp_path,
-        10,
-        val_check_interval=3,
-        enable_checkpointing=True,
-        callbacks=[*callbacks, Probe()],
-    )
+    resumed = checkpointing_trainer(Probe())
     resumed.fit(make(), _datamodule(), ckpt_path=str(last))
     assert seen["step"] == 6
     assert seen["lr"] == pytest.approx(0.05 * (1 - 6 / 10) ** 0.9, rel=1e-6)
