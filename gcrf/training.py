@@ -20,6 +20,7 @@ assembles them with best/last checkpoints by validation mIoU.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -36,6 +37,7 @@ from lightning.pytorch.callbacks import (
     ModelCheckpoint,
     RichProgressBar,
 )
+from lightning.pytorch.plugins import TorchSyncBatchNorm
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
@@ -47,6 +49,7 @@ __all__ = [
     "SchedulerFactory",
     "SegmentationModule",
     "SegmentationVisualizer",
+    "TimmSyncBatchNorm",
     "cross_entropy_loss",
     "default_callbacks",
     "gated_crf_start_step",
@@ -101,12 +104,8 @@ def make_optimizer_factory(
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise TypeError(f"optimizer kwargs must be a mapping or None, got {type(kwargs).__name__}")
     cls, defaults = classes[name]
-    settings = dict(defaults if kwargs is None else kwargs)
-
-    def factory(parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        return cls(parameters, **settings)
-
-    return factory
+    # A partial, not a closure: DDP-spawn and checkpoints pickle the module that holds it.
+    return functools.partial(cls, **dict(defaults if kwargs is None else kwargs))
 
 
 def make_poly_scheduler_factory(power: float = 0.9) -> SchedulerFactory:
@@ -124,17 +123,15 @@ def make_poly_scheduler_factory(power: float = 0.9) -> SchedulerFactory:
         >>> sched.step(); round(opt.param_groups[0]["lr"], 3)
         0.75
     """
-    if not isinstance(power, (int, float)) or power < 0:
+    if not isinstance(power, (int, float)) or isinstance(power, bool) or power < 0:
         raise ValueError(f"power must be a number >= 0, got {power!r}")
+    return functools.partial(_polynomial_lr, power=float(power))
 
-    def factory(
-        optimizer: torch.optim.Optimizer, total_steps: int
-    ) -> torch.optim.lr_scheduler.LRScheduler:
-        return torch.optim.lr_scheduler.PolynomialLR(
-            optimizer, total_iters=total_steps, power=power
-        )
 
-    return factory
+def _polynomial_lr(
+    optimizer: torch.optim.Optimizer, total_steps: int, power: float
+) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_steps, power=power)
 
 
 # ---------------------------------------------------------------------------- loss helpers
@@ -320,7 +317,9 @@ class SegmentationModule(pl.LightningModule):
         self.class_names = list(class_names) if class_names is not None else None
         self.palette = palette
         self.compile = compile
-        self._forward_network: Callable[[Tensor], Any] = network
+        # The compiled forward is kept out of the module tree (object.__setattr__): registered, it
+        # would add a second copy of every weight to the state dict under another prefix.
+        object.__setattr__(self, "_compiled_network", None)
         if class_weights is not None:
             class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
             if class_weights.shape != (num_classes,):
@@ -358,10 +357,10 @@ class SegmentationModule(pl.LightningModule):
             )
         if self.palette is None and getattr(datamodule, "palette", None) is not None:
             self.palette = torch.as_tensor(datamodule.palette, dtype=torch.uint8)
-        if self.compile and self._forward_network is self.network:
-            # Compile the forward only; the parameters stay registered under `network`, so checkpoints
-            # of compiled and eager runs are interchangeable.
-            self._forward_network = torch.compile(self.network)
+        if self.compile and self._compiled_network is None:
+            # Compile the forward only; the parameters stay registered under `network` alone, so
+            # checkpoints of compiled and eager runs are interchangeable.
+            object.__setattr__(self, "_compiled_network", torch.compile(self.network))
 
     @property
     def gated_crf_start_step(self) -> int:
@@ -384,7 +383,8 @@ class SegmentationModule(pl.LightningModule):
     # -------------------------------------------------------------------------- forward
     def forward(self, image: Tensor) -> Any:
         """The network's output (``low`` and ``high`` logits) for an N×3×H×W normalised image."""
-        return self._forward_network(image)
+        network = self.network if self._compiled_network is None else self._compiled_network
+        return network(image)
 
     def compute_losses(self, batch: Mapping[str, Any], output: Any) -> dict[str, Tensor]:
         """The objective's terms for one batch.
@@ -686,6 +686,38 @@ def _golden_palette(num_classes: int) -> Tensor:
         for c in range(1, num_classes)
     ]
     return torch.tensor(colours, dtype=torch.uint8)
+
+
+class TimmSyncBatchNorm(TorchSyncBatchNorm):
+    """Lightning's SyncBatchNorm plugin for timm encoders: ``Trainer(plugins=[TimmSyncBatchNorm()])``.
+
+    Lightning's own plugin (what ``Trainer(sync_batchnorm=True)`` installs) converts with
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, which turns timm's fused ``BatchNormAct2d``
+    (MobileNet, EfficientNet, RegNet, ... encoders) into a plain ``SyncBatchNorm`` and silently drops
+    its activation. This plugin converts with :func:`gcrf.models.convert_sync_batchnorm` (activation
+    kept, frozen layers stay frozen) and, when Lightning reverts the model after ``fit``, turns each
+    layer back into the class it came from, activation included. It is a no-op on one device, like
+    Lightning's, and may be combined with ``sync_batchnorm=True``.
+    """
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Replace every BatchNorm layer of ``model`` by its synchronised counterpart."""
+        from gcrf.models import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(model)
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        """Undo :meth:`apply`: synchronised layers become local ones, parameters and state shared."""
+        from lightning.pytorch.plugins.layer_sync import _BatchNormXd
+        from timm.layers import BatchNormAct2d, SyncBatchNormAct
+
+        if isinstance(model, SyncBatchNormAct):
+            model.__class__ = BatchNormAct2d  # same attributes: norm, act, drop
+        elif isinstance(model, nn.SyncBatchNorm):
+            model.__class__ = _BatchNormXd
+        for name, child in model.named_children():
+            setattr(model, name, self.revert(child))
+        return model
 
 
 def default_callbacks(

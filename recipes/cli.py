@@ -24,12 +24,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.layer_sync import LayerSync
 
 from gcrf.training import (
     SegmentationModule,
     SegmentationVisualizer,
+    TimmSyncBatchNorm,
     default_callbacks,
     make_optimizer_factory,
     make_poly_scheduler_factory,
@@ -49,7 +51,8 @@ __all__ = [
 
 DEFAULT_KERNELS: list[dict[str, float]] = [{"weight": 1.0, "xy": 6.0, "rgb": 0.1}]
 
-#: Published schedule: 90,000 steps, validation every 5,000; SyncBatchNorm is a no-op on one device.
+#: Published schedule: 90,000 steps, validation every 5,000; SyncBatchNorm (timm-aware, see
+#: :class:`gcrf.training.TimmSyncBatchNorm`) is a no-op on one device.
 TRAINER_DEFAULTS: dict[str, Any] = {
     "max_steps": 90_000,
     "val_check_interval": 5_000,
@@ -223,6 +226,19 @@ class RecipeCLI(LightningCLI):
         )
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.set_defaults(self._recipe_defaults)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, with :class:`~gcrf.training.TimmSyncBatchNorm` behind ``sync_batchnorm``.
+
+        Lightning's default SyncBatchNorm conversion would drop the activation of timm's fused
+        BatchNorm+activation layers under DDP; a LayerSync plugin given by the user is kept.
+        """
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if config.get("sync_batchnorm") and not any(isinstance(p, LayerSync) for p in plugins):
+            kwargs["plugins"] = [*plugins, TimmSyncBatchNorm()]
+        return super().instantiate_trainer(**kwargs)
 
 
 def run_recipe(

@@ -125,6 +125,12 @@ def test_recipe_defaults_reach_the_objects() -> None:
     assert module.gated_crf is not None and module.gated_crf_resolution == 16
     assert module.gated_crf._kernels_desc == [{"weight": 1, "xy": 4, "rgb": 0.2}]
     assert cli.trainer.max_steps == 7
+    # SyncBatchNorm under DDP goes through the timm-aware plugin (Lightning's drops activations).
+    from gcrf.training import TimmSyncBatchNorm
+
+    assert isinstance(cli.trainer._accelerator_connector._layer_sync, TimmSyncBatchNorm)
+    no_sync = synthetic.main(["--trainer.sync_batchnorm=false"], run=False)
+    assert no_sync.trainer._accelerator_connector._layer_sync is None
 
 
 @pytest.mark.parametrize("gated_crf", [False, True])

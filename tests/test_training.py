@@ -447,3 +447,183 @@ def test_module_rejects_bad_arguments() -> None:
         SegmentationModule(TinyNet(), 4, gated_crf_use_after_progress_ratio=1.5)
     with pytest.raises(ValueError, match="num_batches_visualization_step"):
         SegmentationVisualizer(num_batches_visualization_step=0)
+
+
+# ------------------------------------------------------------------------- SyncBatchNorm plugin
+def _bn_act_model() -> nn.Module:
+    """A DeepLabv3+ whose encoder uses timm's fused BatchNormAct2d, with non-trivial BN statistics."""
+    from gcrf.models import DeepLabV3Plus
+
+    torch.manual_seed(0)
+    model = DeepLabV3Plus("mobilenetv3_small_050", num_classes=3, aspp_channels=16)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_timm_sync_batchnorm_keeps_the_fused_activations() -> None:
+    from lightning.pytorch.plugins import TorchSyncBatchNorm
+    from timm.layers import BatchNormAct2d, SyncBatchNormAct
+
+    from gcrf.training import TimmSyncBatchNorm
+
+    model = _bn_act_model()
+    x = torch.randn(1, 3, 33, 41)
+    with torch.no_grad():
+        expected = model(x).high
+    fused = sum(isinstance(m, BatchNormAct2d) for m in model.modules())
+    assert fused > 0
+
+    plugin = TimmSyncBatchNorm()
+    synced = plugin.apply(model)
+    kinds = [type(m) for m in synced.modules()]
+    assert kinds.count(SyncBatchNormAct) == fused and BatchNormAct2d not in kinds
+    with torch.no_grad():  # eval mode normalises with running statistics: same function
+        torch.testing.assert_close(synced(x).high, expected)
+
+    reverted = plugin.revert(synced)
+    kinds = [type(m) for m in reverted.modules()]
+    assert kinds.count(BatchNormAct2d) == fused
+    assert not any(issubclass(k, nn.SyncBatchNorm) for k in kinds)
+    with torch.no_grad():
+        torch.testing.assert_close(reverted(x).high, expected)
+
+    # Lightning's own conversion drops the activation of the fused layers: a different network.
+    with torch.no_grad():
+        broken = TorchSyncBatchNorm().apply(_bn_act_model())(x).high
+    assert not torch.allclose(broken, expected, atol=1e-3)
+
+
+# ------------------------------------------------------------------------- precision and DDP
+def test_bf16_mixed_runs_the_network_in_bf16_and_the_losses_in_fp32(tmp_path) -> None:
+    seen: dict[str, set] = {"network": set(), "gated_crf": set(), "features": set()}
+
+    class RecordDtypes(GatedCRFLoss):
+        def forward(self, probs, features, mask_src=None, mask_dst=None):
+            seen["gated_crf"].add(probs.dtype)
+            seen["features"].add(features["rgb"].dtype)
+            return super().forward(probs, features, mask_src, mask_dst)
+
+    network = TinyNet()
+    network.register_forward_hook(lambda _m, _i, out: seen["network"].add(out.low.dtype))
+    module = SegmentationModule(
+        network,
+        4,
+        gated_crf=RecordDtypes(KERNELS, radius=1),
+        cross_entropy_modality="semseg_scribbles",
+        gated_crf_use_after_progress_ratio=0.0,
+        optimizer=make_optimizer_factory("adam", {"lr": 1e-3}),
+    )
+    trainer = _trainer(tmp_path, 2, precision="bf16-mixed")
+    trainer.fit(module, _datamodule())
+    assert seen["network"] == {torch.bfloat16}  # autocast really ran the network in bf16
+    assert seen["gated_crf"] == {torch.float32} and seen["features"] == {torch.float32}
+    metrics = trainer.callback_metrics
+    for name in ("train/loss", "train/loss_ce", "train/loss_gatedcrf"):
+        assert torch.isfinite(metrics[name]), name
+    assert all(p.dtype == torch.float32 for p in module.parameters())  # fp32 master weights
+
+
+class CheckDDP(Callback):
+    """Runs in every DDP process: two ranks on other samples, equal weights after the steps."""
+
+    def __init__(self, synced_batchnorm: bool) -> None:
+        self.synced_batchnorm = synced_batchnorm
+
+    def on_train_start(self, trainer, pl_module):
+        from timm.layers import BatchNormAct2d, SyncBatchNormAct
+
+        assert trainer.world_size == 2
+        kinds = [type(m) for m in pl_module.network.modules()]
+        if self.synced_batchnorm:
+            assert SyncBatchNormAct in kinds and BatchNormAct2d not in kinds, kinds
+
+    def on_train_end(self, trainer, pl_module):
+        def gathered(tensors):
+            flat = torch.cat([t.detach().float().flatten() for t in tensors])
+            return trainer.strategy.all_gather(flat)  # world × numel
+
+        assert trainer.global_step == 2
+        # Gradients are all-reduced: both ranks end with the same weights, although each
+        # trained on other samples (DistributedSampler).
+        weights = gathered(pl_module.parameters())
+        torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
+        first = trainer.strategy.all_gather(self.first_index)
+        assert int(first[0]) != int(first[1])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self.first_index = batch["index"][0]
+
+
+def _ddp_fit(tmp_path, accelerator: str, sync_batchnorm: bool) -> None:
+    """Two DDP processes, two steps; the checks run in the workers (a failure fails the test)."""
+    from gcrf.models import DeepLabV3Plus
+    from gcrf.training import TimmSyncBatchNorm
+
+    torch.manual_seed(0)
+    module = SegmentationModule(
+        DeepLabV3Plus("mobilenetv3_small_050", num_classes=4, aspp_channels=16),
+        4,
+        gated_crf=GatedCRFLoss(KERNELS, radius=1),
+        cross_entropy_modality="semseg_scribbles",
+        gated_crf_use_after_progress_ratio=0.0,
+        optimizer=make_optimizer_factory("sgd", {"lr": 0.01}),
+    )
+    trainer = _trainer(
+        tmp_path,
+        2,
+        accelerator=accelerator,
+        strategy="ddp_spawn",
+        devices=2,
+        limit_val_batches=1,
+        plugins=[TimmSyncBatchNorm()] if sync_batchnorm else None,
+        callbacks=[CheckDDP(sync_batchnorm)],
+    )
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer.fit(module, _datamodule(batch_size=2))
+    # ddp_spawn sends rank 0's weights and metrics back to this process.
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+    assert 0.0 <= float(trainer.callback_metrics["val/mIoU"]) <= 1.0
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tmp_path) -> None:
+    # torch's SyncBatchNorm refuses CPU modules under DDP: the synchronised case needs 2 GPUs.
+    _ddp_fit(tmp_path, "cpu", sync_batchnorm=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_ddp_on_two_gpus_synchronises_timm_batchnorm(tmp_path) -> None:
+    _ddp_fit(tmp_path, "gpu", sync_batchnorm=True)
+
+
+@pytest.mark.slow
+def test_compiled_network_trains_and_checkpoints_like_the_eager_one(tmp_path) -> None:
+    def fit(compile: bool) -> SegmentationModule:
+        torch.manual_seed(0)
+        module = SegmentationModule(
+            TinyNet(),
+            4,
+            gated_crf=GatedCRFLoss(KERNELS, radius=1),
+            cross_entropy_modality="semseg_scribbles",
+            gated_crf_use_after_progress_ratio=0.0,
+            optimizer=make_optimizer_factory("sgd", {"lr": 0.05}),
+            compile=compile,
+        )
+        _trainer(tmp_path, 3, limit_val_batches=1).fit(module, _datamodule())
+        return module
+
+    eager, compiled = fit(False), fit(True)
+    assert compiled._compiled_network is not None  # the forward really was compiled
+    assert eager._compiled_network is None
+    # One copy of every weight, under `network.`, in both: checkpoints are interchangeable.
+    assert eager.state_dict().keys() == compiled.state_dict().keys()
+    assert {k for k in eager.state_dict() if k.startswith("network.")} == {
+        f"network.{k}" for k in eager.network.state_dict()
+    }
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[name], value, rtol=1e-4, atol=1e-5)
