@@ -520,6 +520,10 @@ sizes = {
                  "features_ptr", "coef_ptr", "partial_ptr", "grad_ptr")} | {"bounds_ptr": "*i32"},
         {**common, "ACC": tl.float64, "RADIUS_D": 0, "HAS_COMPAT": True, "WITH_GRAD": False,
          "BLOCK_C": 32}, 4),
+    "fp32_xy_only_masks_off_with_grad": compile_for_sm90(
+        kernel, {"bounds_ptr": "*i32"},
+        {**common, "HAS_FEATURES": False, "HAS_MASK_SRC": False, "HAS_MASK_DST": False,
+         "RADIUS_D": 0, "HAS_COMPAT": False, "WITH_GRAD": True, "BLOCK_C": 32}, 4),
     "affinity": compile_for_sm90(
         g._window_affinity_kernel.fn, {"bounds_ptr": "*i32"}, {**common, "RADIUS_D": 0}, 4),
     "sum": compile_for_sm90(g._sum_partials_kernel, {}, {"BLOCK": 1024}, 4),
