@@ -570,7 +570,9 @@ class SegmentationVisualizer(Callback):
         count = min(self.num_samples, batch["image"].shape[0])
         palette = pl_module.palette
         if palette is None:
-            palette = _golden_palette(pl_module.num_classes)
+            from gcrf.data.palettes import distinct_palette
+
+            palette = distinct_palette(pl_module.num_classes)
         image = viz.to_uint8_image(
             viz.denormalize_image(batch["image"][:count].detach().float().cpu())
         )
@@ -675,17 +677,6 @@ class SegmentationVisualizer(Callback):
         if isinstance(loader, (list, tuple)):
             loader = loader[0] if loader else None
         return getattr(loader, "dataset", None)
-
-
-def _golden_palette(num_classes: int) -> Tensor:
-    """Distinct display colours by golden-ratio hue steps, class 0 black (when no palette is known)."""
-    import colorsys
-
-    colours = [(0, 0, 0)] + [
-        tuple(round(255 * v) for v in colorsys.hsv_to_rgb((c * 0.618034) % 1.0, 0.75, 0.95))
-        for c in range(1, num_classes)
-    ]
-    return torch.tensor(colours, dtype=torch.uint8)
 
 
 class TimmSyncBatchNorm(TorchSyncBatchNorm):

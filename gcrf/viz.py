@@ -383,14 +383,18 @@ def heatmap(values: Tensor, vmax: float | None = None) -> Tensor:
     return to_uint8_image(_hot(normalized))
 
 
-def _normalize_map(name: str, values: Any, vmax: float | None) -> Tensor:
-    """``values / vmax`` clipped to [0, 1], as float32 ``H×W`` or ``N×H×W``."""
+def _normalize_map(name: str, values: Any, vmax: float | None, batched: bool = False) -> Tensor:
+    """``values / vmax`` clipped to [0, 1], as float32 ``H×W`` or ``N×H×W``.
+
+    ``batched``: the maps belong to a batch of images, so a ``1×H×W`` input is one map for a batch
+    of one (kept 3-D) rather than a single map with a channel axis (squeezed).
+    """
     values = _check_tensor(name, values)
     if not values.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {values.dtype}")
     if values.dim() == 4 and values.shape[1] == 1:
         values = values[:, 0]
-    elif values.dim() == 3 and values.shape[0] == 1:
+    elif values.dim() == 3 and values.shape[0] == 1 and not batched:
         values = values[0]
     if values.dim() not in (2, 3):
         raise ValueError(
@@ -461,9 +465,7 @@ def affinity_overlay(
     alpha = _check_alpha(alpha)
     if not isinstance(gamma, (int, float)) or not gamma > 0:
         raise ValueError(f"gamma must be a positive number, got {gamma!r}")
-    v = _normalize_map("affinity", affinity, vmax).to(image.device)
-    if image.dim() == 4 and image.shape[0] == 1 and v.dim() == 2:
-        v = v.unsqueeze(0)  # a batch of one: 1×h×w was read as a single map
+    v = _normalize_map("affinity", affinity, vmax, batched=image.dim() == 4).to(image.device)
     if (image.dim() == 4) != (v.dim() == 3) or (image.dim() == 4 and v.shape[0] != image.shape[0]):
         raise ValueError(
             f"affinity must be one map per image, got image {tuple(image.shape)} and affinity "

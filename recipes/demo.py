@@ -39,6 +39,7 @@ from gcrf.training import (
     make_optimizer_factory,
     make_poly_scheduler_factory,
 )
+from recipes import presets
 from recipes.cli import build_gated_crf_loss, build_network, configure_logging
 
 __all__ = ["DemoResult", "demo", "gap_closed", "main"]
@@ -60,6 +61,7 @@ class DemoResult:
     seconds: float
     steps: int
     log_dir: str
+    checkpoint: str  #: the final weights (``GCRF_CHECKPOINT`` of notebooks/training_results.ipynb)
 
 
 def gap_closed(full: float, scribbles: float, gated_crf: float) -> float:
@@ -143,7 +145,11 @@ def _run_one(
     trainer.fit(module, datamodule=datamodule)
     seconds = time.monotonic() - start
     miou = float(trainer.callback_metrics["val/mIoU"])
-    return DemoResult(name, description, miou, seconds, int(trainer.global_step), logger.log_dir)
+    checkpoint = os.path.join(logger.log_dir, "last.ckpt")
+    trainer.save_checkpoint(checkpoint)
+    return DemoResult(
+        name, description, miou, seconds, int(trainer.global_step), logger.log_dir, checkpoint
+    )
 
 
 def _quiet_lightning() -> None:
@@ -161,24 +167,24 @@ def _run_in_worker(setting: tuple[str, str, bool, str], common: dict, threads: i
 
 
 def demo(
-    steps: int = 1000,
+    steps: int = presets.SYNTHETIC_STEPS,
     seed: int = 0,
     image_size: int = 64,
     num_classes: int = 4,
     train_length: int = 1024,
     val_length: int = 256,
     batch_size: int = 8,
-    scribble_margin: float = 5.0,
+    scribble_margin: float = presets.SYNTHETIC_SCRIBBLE_MARGIN,
     model_name: str = "deeplabv3p",
-    model_encoder_name: str = "mobilenetv3_small_050",
-    aspp_channels: int = 64,
-    lr: float = 3e-3,
-    gatedcrf_weight: float = 1.0,
+    model_encoder_name: str = presets.SYNTHETIC_ENCODER,
+    aspp_channels: int = presets.SYNTHETIC_ASPP_CHANNELS,
+    lr: float = presets.SYNTHETIC_LR,
+    gatedcrf_weight: float = presets.SYNTHETIC_GATEDCRF_WEIGHT,
     gatedcrf_xy_sigma: float = 6.0,
     gatedcrf_rgb_sigma: float = 0.1,
     gatedcrf_radius: int = 5,
     gatedcrf_resolution: int | None = None,
-    gatedcrf_use_after_progress_ratio: float = 0.05,
+    gatedcrf_use_after_progress_ratio: float = presets.SYNTHETIC_GATEDCRF_USE_AFTER,
     validations: int = 2,
     output_dir: str = "runs/demo",
     threads: int | None = None,
@@ -284,7 +290,8 @@ def demo(
     )
     console.print(
         f"TensorBoard logs and image grids: [bold]{os.path.abspath(output_dir)}[/bold] "
-        f"(tensorboard --logdir {output_dir})"
+        f"(tensorboard --logdir {output_dir}); final weights: <run>/last.ckpt, e.g. "
+        f"GCRF_CHECKPOINT={results[2].checkpoint} jupyter lab notebooks/"
     )
     return results
 

@@ -405,14 +405,27 @@ def test_missing_click_file_gives_the_command(tree) -> None:
         _module(root).setup("fit")
 
 
+def _edit_click_file(path: Path, edit, update_sidecar: bool) -> None:
+    """Rewrite a generated click file through ``edit(content)``, its sidecar's sha256 optionally."""
+    content = json.loads(path.read_bytes())
+    edit(content)
+    data = json.dumps(content, separators=(",", ":")).encode()
+    path.write_bytes(data)
+    if update_sidecar:
+        sidecar = click_sidecar_path(path)
+        meta = json.loads(sidecar.read_text())
+        sidecar.write_text(json.dumps({**meta, "sha256": hashlib.sha256(data).hexdigest()}))
+
+
 def test_tampered_click_file_is_rejected(tree) -> None:
     root, _ = tree
     generate_clicks(root, workers=0)
-    path = root / "gcrf_clicks_train.json"
-    content = json.loads(path.read_bytes())
-    first = next(name for name in content if content[name])
-    content[first][0]["x"] += 1
-    path.write_bytes(json.dumps(content, separators=(",", ":")).encode())
+
+    def move_first_click(content):
+        first = next(name for name in content if content[name])
+        content[first][0]["x"] += 1
+
+    _edit_click_file(root / "gcrf_clicks_train.json", move_first_click, update_sidecar=False)
     with pytest.raises(ValueError, match=r"gcrf_clicks_train\.json.*sha256"):
         _module(root).setup("fit")
 
@@ -420,14 +433,11 @@ def test_tampered_click_file_is_rejected(tree) -> None:
 def test_click_file_missing_an_image_is_rejected(tree) -> None:
     root, names = tree
     generate_clicks(root, workers=0)
-    path = root / "gcrf_clicks_val.json"
-    content = json.loads(path.read_bytes())
-    del content[names["val"][-1]]
-    data = json.dumps(content, separators=(",", ":")).encode()
-    path.write_bytes(data)
-    sidecar = click_sidecar_path(path)
-    meta = json.loads(sidecar.read_text())
-    sidecar.write_text(json.dumps({**meta, "sha256": hashlib.sha256(data).hexdigest()}))
+    _edit_click_file(
+        root / "gcrf_clicks_val.json",
+        lambda content: content.pop(names["val"][-1]),
+        update_sidecar=True,
+    )
     with pytest.raises(
         ValueError, match=rf"gcrf_clicks_val\.json has no entry.*{names['val'][-1]}"
     ):

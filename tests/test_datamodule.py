@@ -105,3 +105,29 @@ def test_bad_loader_settings(name, value) -> None:
         _Module(**{name: value})
     with pytest.raises(TypeError, match="augmentation"):
         _Module(augmentation={"crop_size": 8})
+
+
+def test_image_file_dataset_reads_the_image_and_checks_its_size(tmp_path) -> None:
+    from PIL import Image
+
+    from gcrf.data.datamodule import ImageFileDataset
+
+    Image.fromarray(np.full((5, 7, 3), 40, np.uint8)).save(tmp_path / "a.png")
+
+    class Files(ImageFileDataset):
+        def __init__(self, label_size):
+            self.label_size = label_size
+
+        def load_labels(self, index):
+            return {"size": self.label_size, "semseg_dense": np.zeros(self.label_size), "index": 0}
+
+        def image_path(self, index):
+            return tmp_path / "a.png"
+
+    sample = Files((5, 7))[0]
+    assert "size" not in sample and sample["image"].mode == "RGB"
+    assert sample["image"].size == (7, 5)
+    with pytest.raises(
+        ValueError, match=r"a\.png: image size \(h, w\) \(5, 7\) differs .*\(7, 5\)"
+    ):
+        Files((7, 5))[0]

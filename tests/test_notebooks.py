@@ -8,6 +8,7 @@ working directory a user gets from ``jupyter lab notebooks/``), with the Agg mat
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,16 +40,20 @@ def test_notebook_is_committed_without_outputs(path: Path) -> None:
         assert cell.execution_count is None, f"{path.name} cell {index} has an execution count"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
-def test_notebook_runs_top_to_bottom(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _execute(path: Path, monkeypatch: pytest.MonkeyPatch, checkpoint: Path | None = None) -> Any:
+    """Run a notebook top to bottom in a fresh kernel; fail on any cell error."""
     # The kernel inherits this process's environment: a headless backend, CPU only, and no
-    # checkpoint from the user's shell (training_results.ipynb then trains its own tiny model).
-    # One intra-op thread: the notebooks' tensors are small, and on a shared CPU (parallel test
-    # workers) OpenMP threads waiting on busy cores make every small op orders of magnitude slower.
+    # checkpoint from the user's shell unless one is given (training_results.ipynb then trains its
+    # own tiny model). One intra-op thread: the notebooks' tensors are small, and on a shared CPU
+    # (parallel test workers) OpenMP threads waiting on busy cores make every small op orders of
+    # magnitude slower.
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("GCRF_CHECKPOINT", raising=False)
+    if checkpoint is None:
+        monkeypatch.delenv("GCRF_CHECKPOINT", raising=False)
+    else:
+        monkeypatch.setenv("GCRF_CHECKPOINT", str(checkpoint))
     notebook = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         notebook,
@@ -63,3 +68,34 @@ def test_notebook_runs_top_to_bottom(path: Path, monkeypatch: pytest.MonkeyPatch
     # Every code cell ran (no cell silently skipped).
     code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert all(cell.execution_count is not None for cell in code_cells)
+    return notebook
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_notebook_runs_top_to_bottom(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _execute(path, monkeypatch)
+
+
+def test_training_results_loads_a_demo_checkpoint(tmp_path, monkeypatch) -> None:
+    """The final weights of a ``recipes.demo`` run (its 64-channel ASPP) load as they are."""
+    from recipes import demo
+
+    results = demo.main(
+        [
+            "--steps=1",
+            "--train_length=8",
+            "--val_length=2",
+            "--validations=1",
+            "--workers=1",
+            f"--output_dir={tmp_path}",
+        ]
+    )
+    checkpoint = results[-1].checkpoint
+    notebook = _execute(NOTEBOOK_DIR / "training_results.ipynb", monkeypatch, Path(checkpoint))
+    printed = "".join(
+        output.get("text", "")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+    )
+    assert f"loaded {checkpoint}" in printed

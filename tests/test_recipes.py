@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from recipes import synthetic
@@ -188,6 +189,10 @@ def test_demo_runs_three_settings_and_prints_the_table(tmp_path, capsys, workers
     assert "Gated CRF closes" in out and str(tmp_path) in out
     for result in results:
         assert list(Path(result.log_dir).glob("events.out.tfevents.*")), result.log_dir
+        state = torch.load(result.checkpoint, map_location="cpu", weights_only=False)
+        assert state["global_step"] == 2 and any(
+            k.startswith("network.") for k in state["state_dict"]
+        )
 
 
 #: A network small enough for seconds-long runs, without any download.

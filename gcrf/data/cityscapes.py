@@ -29,9 +29,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
 
-from gcrf.data.datamodule import WeakSegmentationDataModule
+from gcrf.data.datamodule import ImageFileDataset, WeakSegmentationDataModule
 from gcrf.data.palettes import CITYSCAPES_CLASS_NAMES, CITYSCAPES_PALETTE
 from gcrf.data.transforms import AugmentationConfig
 from gcrf.data.weak_labels import IGNORE_INDEX, Click, load_click_file
@@ -309,7 +308,7 @@ def load_cityscapes_clicks(
 
 
 # ------------------------------------------------------------------------------------- datasets
-class CityscapesFine(Dataset):
+class CityscapesFine(ImageFileDataset):
     """One split of Cityscapes fine as raw samples (see :mod:`gcrf.data.transforms`).
 
     Args:
@@ -350,17 +349,8 @@ class CityscapesFine(Dataset):
             "index": index,
         }
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = self.load_labels(index)
-        with Image.open(self.records[index].image) as image:
-            sample["image"] = image.convert("RGB")
-        size = sample.pop("size")
-        if sample["image"].size != (size[1], size[0]):
-            raise ValueError(
-                f"{self.records[index].image}: image size (w, h) {sample['image'].size} differs "
-                f"from its labels' {(size[1], size[0])}"
-            )
-        return sample
+    def image_path(self, index: int) -> Path:
+        return self._record(index).image
 
 
 class CityscapesDataModule(WeakSegmentationDataModule):
@@ -422,8 +412,6 @@ class CityscapesDataModule(WeakSegmentationDataModule):
         self.root = str(root)
         self.clicks_file = str(clicks_file) if clicks_file is not None else None
         self.clicks = bool(clicks)
-        # A palette per instance: callers may move or edit it without touching the module constant.
-        self.palette = CITYSCAPES_PALETTE.clone()
 
     def clicks_path(self, split: str) -> Path:
         """The click file read for ``split``."""

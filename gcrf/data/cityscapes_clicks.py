@@ -111,6 +111,16 @@ def image_seed(image_name: str, seed: int) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+def _check_rule(placement: str, connectivity: int, min_area: int) -> None:
+    """Validate the parameters of the click rule (``ValueError`` naming the argument)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if connectivity not in CONNECTIVITIES:
+        raise ValueError(f"connectivity must be one of {CONNECTIVITIES}, got {connectivity!r}")
+    if not isinstance(min_area, int) or isinstance(min_area, bool) or min_area < 0:
+        raise ValueError(f"min_area must be an int >= 0, got {min_area!r}")
+
+
 def _place(region: np.ndarray, placement: str, rng: np.random.Generator | None) -> tuple[int, int]:
     """(row, col) of the click inside a boolean region (in the region's own array)."""
     if placement == "center":
@@ -156,14 +166,9 @@ def clicks_from_instance_ids(
         raise ValueError(
             f"instance_ids must be an H×W integer array, got shape {ids.shape}, dtype {ids.dtype}"
         )
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    _check_rule(placement, connectivity, min_area)
     if placement == "random" and rng is None:
         raise ValueError("placement='random' needs rng (a numpy Generator), got None")
-    if connectivity not in CONNECTIVITIES:
-        raise ValueError(f"connectivity must be one of {CONNECTIVITIES}, got {connectivity!r}")
-    if not isinstance(min_area, int) or isinstance(min_area, bool) or min_area < 0:
-        raise ValueError(f"min_area must be an int >= 0, got {min_area!r}")
     structure = ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
     values, inverse = np.unique(ids, return_inverse=True)
     # One pass over the image gives the bounding box of every value; each region is then worked on
@@ -245,12 +250,7 @@ def generate_clicks(
     splits = list(dict.fromkeys(splits))
     if not splits or any(split not in SPLITS for split in splits):
         raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {splits!r}")
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-    if connectivity not in CONNECTIVITIES:
-        raise ValueError(f"connectivity must be one of {CONNECTIVITIES}, got {connectivity!r}")
-    if not isinstance(min_area, int) or isinstance(min_area, bool) or min_area < 0:
-        raise ValueError(f"min_area must be an int >= 0, got {min_area!r}")
+    _check_rule(placement, connectivity, min_area)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an int, got {seed!r}")
     if workers is None:

@@ -12,17 +12,25 @@ what the training module reads from a data module: ``num_classes``, ``class_name
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from gcrf.data.transforms import AugmentationConfig, build_transform
 from gcrf.data.weak_labels import IGNORE_INDEX, rasterise_clicks, rasterise_scribbles
 
-__all__ = ["MODALITIES", "TransformedDataset", "WeakSegmentationDataModule", "class_weights"]
+__all__ = [
+    "MODALITIES",
+    "ImageFileDataset",
+    "TransformedDataset",
+    "WeakSegmentationDataModule",
+    "class_weights",
+]
 
 #: Label modalities of a sample, in the order of the published ``loss_cross_entropy_modality``.
 MODALITIES: tuple[str, ...] = ("semseg_dense", "semseg_scribbles", "semseg_clicks")
@@ -75,6 +83,37 @@ class TransformedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.transform(self.raw[index])
+
+
+class ImageFileDataset(Dataset):
+    """Raw samples whose image is a file on disk and whose labels load without it.
+
+    A subclass implements :meth:`load_labels` (the raw sample without ``image``, with ``size`` =
+    the labels' (H, W)) and :meth:`image_path`; ``__getitem__`` adds the RGB image and checks that
+    it has the labels' size. :meth:`WeakSegmentationDataModule.label_histogram` uses
+    ``load_labels`` alone, so it never decodes an image.
+    """
+
+    def load_labels(self, index: int) -> dict[str, Any]:
+        """The raw sample of ``index`` without its image, with ``size`` = (H, W)."""
+        raise NotImplementedError
+
+    def image_path(self, index: int) -> Path:
+        """The image file of ``index``."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.load_labels(index)
+        size = tuple(int(s) for s in sample.pop("size"))
+        path = self.image_path(index)
+        with Image.open(path) as image:
+            sample["image"] = image.convert("RGB")
+        if sample["image"].size[::-1] != size:
+            raise ValueError(
+                f"{path}: image size (h, w) {sample['image'].size[::-1]} differs from its "
+                f"labels' {size}"
+            )
+        return sample
 
 
 def _labels_of(raw: Dataset, index: int) -> dict[str, Any]:

@@ -2,9 +2,12 @@
 
 Colours are the datasets' own: the VOC colour map of the devkit (``bitget`` construction, the palette
 of VOC's ``SegmentationClass`` PNGs) and the Cityscapes ``labels.py`` colours of the 19 train ids.
+:func:`distinct_palette` colours any other set of classes (the fallback of the TensorBoard grids).
 """
 
 from __future__ import annotations
+
+import colorsys
 
 import torch
 
@@ -13,6 +16,7 @@ __all__ = [
     "CITYSCAPES_PALETTE",
     "VOC_CLASS_NAMES",
     "VOC_PALETTE",
+    "distinct_palette",
     "voc_colormap",
 ]
 
@@ -120,3 +124,24 @@ CITYSCAPES_PALETTE: torch.Tensor = torch.tensor(
     ],
     dtype=torch.uint8,
 )
+
+
+def distinct_palette(num_classes: int) -> torch.Tensor:
+    """Display colours for classes without a palette of their own: class 0 black, the others by
+    golden-ratio steps of hue (neighbouring class ids get far-apart colours).
+
+    Args:
+        num_classes: number of colours.
+
+    Returns:
+        ``num_classes``×3 uint8 tensor.
+
+    Example:
+        >>> distinct_palette(3)[0].tolist()
+        [0, 0, 0]
+    """
+    colours = [(0, 0, 0)] + [
+        tuple(round(255 * v) for v in colorsys.hsv_to_rgb((c * 0.618034) % 1.0, 0.75, 0.95))
+        for c in range(1, num_classes)
+    ]
+    return torch.tensor(colours, dtype=torch.uint8)

@@ -38,9 +38,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
 
-from gcrf.data.datamodule import WeakSegmentationDataModule
+from gcrf.data.datamodule import ImageFileDataset, WeakSegmentationDataModule
 from gcrf.data.palettes import VOC_CLASS_NAMES, VOC_PALETTE
 from gcrf.data.transforms import AugmentationConfig
 from gcrf.data.weak_labels import (
@@ -261,7 +260,7 @@ def load_scribbles(
     return scribbles
 
 
-class VOCWeak(Dataset):
+class VOCWeak(ImageFileDataset):
     """Raw samples of one split: image, dense label, scribbles, clicks (see the module docstring).
 
     Args:
@@ -296,16 +295,8 @@ class VOCWeak(Dataset):
             "name": record.name,
         }
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = self.load_labels(index)
-        with Image.open(self.records[index].image) as image:
-            sample["image"] = image.convert("RGB")
-        if sample["image"].size[::-1] != tuple(sample.pop("size")):
-            raise ValueError(
-                f"VOC image {self.records[index].image} and its label differ in size: "
-                f"{sample['image'].size[::-1]} vs {sample['semseg_dense'].shape}"
-            )
-        return sample
+    def image_path(self, index: int) -> Path:
+        return self.records[index].image
 
     def missing(self) -> dict[str, int]:
         """How many images of the split have no click and no scribble."""
