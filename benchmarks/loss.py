@@ -37,7 +37,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-KERNELS = [{"weight": 1.0, "xy": 6.0, "rgb": 0.1}]
+from gcrf.loss import DEFAULT_KERNELS
+
+KERNELS = list(DEFAULT_KERNELS)
 RADIUS = 5
 CLASSES = 21
 RESULTS = Path(__file__).with_name("RESULTS.md")

@@ -6,8 +6,9 @@ Shows what the Gated CRF loss costs relative to the network: images/s of one tra
 - ``CE``: cross-entropy on the full-size logits ``high`` only;
 - ``CE + GCRF``: plus ``gcrf.loss.GatedCRFLoss`` as in the published recipe: kernel
   ``{"weight": 1, "xy": 6, "rgb": 0.1}``, radius 5, probabilities ``softmax(low)`` at 64×64 (``low``
-  is already 64×64 for a 256×256 crop; other sizes are resized bilinearly), the image in [0, 1] as
-  the ``rgb`` modality, ``mask_src`` = the valid-pixel mask.
+  is already 64×64 for a 256×256 crop; other sizes are resized bilinearly), the ImageNet-normalised
+  network input as the ``rgb`` modality (as in the recipes, so σ_rgb is in normalised units),
+  ``mask_src`` = the valid-pixel mask.
 
 The time is the median over ``--iterations`` steps after ``--warmup`` steps (CUDA: synchronised).
 On CPU the numbers depend strongly on the thread count and on other load; repeat and compare
@@ -31,13 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gcrf.conventions import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from gcrf.loss import DEFAULT_KERNELS
 from gcrf.models import DeepLabV3Plus
 
-KERNELS = [{"weight": 1.0, "xy": 6.0, "rgb": 0.1}]
+KERNELS = list(DEFAULT_KERNELS)
 RADIUS = 5
 LOSS_RESOLUTION = 64
 CLASSES = 21
-IGNORE_INDEX = 255
 
 
 @dataclass(frozen=True)
@@ -97,9 +99,9 @@ def measure(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    rgb = torch.rand(batch, 3, size, size, device=device)  # the loss's colour modality, in [0, 1]
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    rgb = torch.rand(batch, 3, size, size, device=device)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     images = ((rgb - mean) / std).contiguous(memory_format=memory_format)
     labels = torch.randint(0, CLASSES, (batch, size, size), device=device)
     labels[:, :, : size // 4] = IGNORE_INDEX  # weak labels: most pixels unlabelled
@@ -115,7 +117,8 @@ def measure(
                 probs = F.interpolate(
                     probs, size=(LOSS_RESOLUTION,) * 2, mode="bilinear", align_corners=False
                 )
-            loss = loss + gated_crf(probs, {"rgb": rgb}, mask_src=valid)
+            # σ_rgb in normalised units, as in the recipes: the loss sees the network input.
+            loss = loss + gated_crf(probs, {"rgb": images}, mask_src=valid)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()

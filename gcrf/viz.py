@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gcrf.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # one home: the data pipeline
+from gcrf.conventions import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:  # pragma: no cover - only for type checkers
     from matplotlib.figure import Figure
@@ -203,7 +203,7 @@ def to_uint8_image(image: Tensor) -> Tensor:
 def colorize_labels(
     labels: Tensor,
     palette: Tensor | Sequence[Sequence[int]],
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     ignore_color: Sequence[int] = IGNORE_COLOR,
 ) -> Tensor:
     """Colour a label map with a palette: pixel of class c gets ``palette[c]``.
@@ -276,7 +276,7 @@ def overlay_labels(
     labels: Tensor,
     palette: Tensor | Sequence[Sequence[int]],
     alpha: float = 0.5,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     """Blend a coloured label map over an image; ``ignore_index`` pixels show the image unchanged.
 
@@ -316,7 +316,7 @@ def overlay_labels(
     return to_uint8_image(base * (1.0 - opacity) + colors * opacity)
 
 
-def dilate_labels(labels: Tensor, size: int = 3, ignore_index: int = 255) -> Tensor:
+def dilate_labels(labels: Tensor, size: int = 3, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Grow every labelled pixel into a ``size×size`` square, for display of sparse labels.
 
     Single-pixel clicks vanish in a downscaled picture; dilated, they show. Unlabelled pixels

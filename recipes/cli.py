@@ -28,6 +28,8 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.layer_sync import LayerSync
 
+from gcrf.conventions import LabelModality
+from gcrf.loss import DEFAULT_KERNELS
 from gcrf.training import (
     SegmentationModule,
     SegmentationVisualizer,
@@ -38,7 +40,6 @@ from gcrf.training import (
 )
 
 __all__ = [
-    "DEFAULT_KERNELS",
     "TRAINER_DEFAULTS",
     "RecipeCLI",
     "SegmentationRecipe",
@@ -48,8 +49,6 @@ __all__ = [
     "recipe_main",
     "run_recipe",
 ]
-
-DEFAULT_KERNELS: list[dict[str, float]] = [{"weight": 1.0, "xy": 6.0, "rgb": 0.1}]
 
 #: Published schedule: 90,000 steps, validation every 5,000; SyncBatchNorm (timm-aware, see
 #: :class:`gcrf.training.TimmSyncBatchNorm`) is a no-op on one device.
@@ -145,7 +144,7 @@ class SegmentationRecipe(SegmentationModule):
         optimizer_kwargs: optimiser keyword arguments (``None``: the published DeepLab SGD settings).
         lr_scheduler: ``poly`` (per-step polynomial decay over ``trainer.max_steps``) or ``none``.
         lr_scheduler_power: exponent of the polynomial decay.
-        compile: run the network through ``torch.compile``.
+        compile_network: run the network's forward through ``torch.compile``.
     """
 
     def __init__(
@@ -155,9 +154,7 @@ class SegmentationRecipe(SegmentationModule):
         model_encoder_name: str | None = "resnet34",
         model_pretrained: bool | str = True,
         model_kwargs: dict[str, Any] | None = None,
-        loss_cross_entropy_modality: Literal[
-            "semseg_dense", "semseg_scribbles", "semseg_clicks"
-        ] = "semseg_dense",
+        loss_cross_entropy_modality: LabelModality = "semseg_dense",
         loss_cross_entropy_weight: float = 1.0,
         loss_cross_entropy_class_weights: bool = False,
         loss_gatedcrf: bool = False,
@@ -170,9 +167,9 @@ class SegmentationRecipe(SegmentationModule):
         optimizer_kwargs: dict[str, Any] | None = None,
         lr_scheduler: Literal["poly", "none"] = "poly",
         lr_scheduler_power: float = 0.9,
-        compile: bool = False,
+        compile_network: bool = False,
     ) -> None:
-        kernels = copy.deepcopy(loss_gatedcrf_kernels_desc or DEFAULT_KERNELS)
+        kernels = copy.deepcopy(loss_gatedcrf_kernels_desc or list(DEFAULT_KERNELS))
         network = build_network(
             model_name, model_encoder_name, num_classes, model_pretrained, model_kwargs
         )
@@ -190,10 +187,8 @@ class SegmentationRecipe(SegmentationModule):
             lr_scheduler=(
                 make_poly_scheduler_factory(lr_scheduler_power) if lr_scheduler == "poly" else None
             ),
-            compile=compile,
+            compile_network=compile_network,
         )
-        if lr_scheduler == "none":
-            self.scheduler_factory = None
         self.use_class_weights = loss_cross_entropy_class_weights
         # The flat settings fully describe the run: saved in checkpoints and TensorBoard hparams.
         self.save_hyperparameters()

@@ -252,15 +252,28 @@ def test_poly_lr_is_stepped_every_iteration(tmp_path) -> None:
     assert lrs == pytest.approx(expected, rel=1e-6)
 
 
+def test_lr_scheduler_none_keeps_the_learning_rate_constant(tmp_path) -> None:
+    lrs = []
+
+    class RecordLR(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    module = SegmentationModule(
+        TinyNet(), 4, optimizer=make_optimizer_factory("sgd", {"lr": 0.1}), lr_scheduler=None
+    )
+    _trainer(tmp_path, 5, limit_val_batches=0, callbacks=[RecordLR()]).fit(module, _datamodule())
+    assert lrs == [0.1] * 5
+
+
+def test_compile_network_does_not_shadow_module_compile() -> None:
+    module = SegmentationModule(TinyNet(), 4, compile_network=True)
+    assert module.compile_network is True
+    # nn.Module.compile() is still the method (an attribute `compile` used to shadow it).
+    assert module.compile.__func__ is torch.nn.Module.compile
+
+
 # ---------------------------------------------------------------------------------- metrics
-def test_iou_per_class_matches_a_naive_count() -> None:
-    confusion = torch.tensor([[5, 1, 0], [2, 3, 0], [0, 0, 0]])
-    iou = SegmentationModule.iou_per_class(confusion)
-    assert iou[0].item() == pytest.approx(5 / 8)
-    assert iou[1].item() == pytest.approx(3 / 6)
-    assert math.isnan(iou[2].item())
-
-
 def test_validation_miou_matches_a_naive_computation(tmp_path) -> None:
     torch.manual_seed(0)
     network = TinyNet(3)
@@ -423,7 +436,7 @@ def test_visualizer_writes_grids_with_every_panel(tmp_path) -> None:
 def test_default_callbacks_and_plain_progress(caplog) -> None:
     callbacks = default_callbacks(SegmentationVisualizer())
     kinds = {type(c).__name__ for c in callbacks}
-    assert {"ModelCheckpoint", "LearningRateMonitor", "SegmentationVisualizer"} <= kinds
+    assert {"ModelCheckpoint", "LearningRateLog", "SegmentationVisualizer"} <= kinds
     # pytest captures stdout: no TTY, so plain progress lines instead of a rich bar
     assert "PlainProgressLog" in kinds
     best, latest = (c for c in callbacks if isinstance(c, ModelCheckpoint))
@@ -431,6 +444,25 @@ def test_default_callbacks_and_plain_progress(caplog) -> None:
     assert latest.monitor is None and latest.save_last == "link"
     with pytest.raises(ValueError, match="every_n_steps"):
         PlainProgressLog(0)
+
+
+def test_progress_line_says_when_the_validation_metric_was_measured(tmp_path) -> None:
+    lines: list[str] = []
+
+    class Recording(PlainProgressLog):
+        def line(self, trainer: pl.Trainer) -> str:
+            lines.append(super().line(trainer))
+            return lines[-1]
+
+    module = SegmentationModule(TinyNet(), 4)
+    trainer = _trainer(tmp_path, 5, val_check_interval=2, callbacks=[Recording(every_n_steps=1)])
+    trainer.fit(module, _datamodule())
+    assert [line.split(" |")[0] for line in lines] == [f"step {k}/5" for k in range(1, 6)]
+    # A step's line is written before that step's validation: steps 1-2 have none yet, steps 3-4
+    # show the one measured at step 2 and say so, step 5 the one of step 4.
+    assert all("val/mIoU" not in line for line in lines[:2])
+    assert all("@ step 2" in line for line in lines[2:4])
+    assert "@ step 4" in lines[4]
 
 
 # ------------------------------------------------------------------------------ validation
@@ -603,7 +635,7 @@ def test_ddp_on_two_gpus_synchronises_timm_batchnorm(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_compiled_network_trains_and_checkpoints_like_the_eager_one(tmp_path) -> None:
-    def fit(compile: bool) -> SegmentationModule:
+    def fit(compile_network: bool) -> SegmentationModule:
         torch.manual_seed(0)
         module = SegmentationModule(
             TinyNet(),
@@ -612,7 +644,7 @@ def test_compiled_network_trains_and_checkpoints_like_the_eager_one(tmp_path) ->
             cross_entropy_modality="semseg_scribbles",
             gated_crf_use_after_progress_ratio=0.0,
             optimizer=make_optimizer_factory("sgd", {"lr": 0.05}),
-            compile=compile,
+            compile_network=compile_network,
         )
         _trainer(tmp_path, 3, limit_val_batches=1).fit(module, _datamodule())
         return module

@@ -17,8 +17,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from gcrf.conventions import IGNORE_INDEX
 from gcrf.data.transforms import AugmentationConfig, build_transform
-from gcrf.data.weak_labels import IGNORE_INDEX
 
 _LAZY = {
     "MODALITIES": "gcrf.data.datamodule",

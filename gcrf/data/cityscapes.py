@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from gcrf.conventions import IGNORE_INDEX
 from gcrf.data.datamodule import ImageFileDataset, WeakSegmentationDataModule
 from gcrf.data.palettes import CITYSCAPES_CLASS_NAMES, CITYSCAPES_PALETTE
 from gcrf.data.transforms import AugmentationConfig
-from gcrf.data.weak_labels import IGNORE_INDEX, Click, load_click_file
+from gcrf.data.weak_labels import Click, load_click_file
 
 __all__ = [
     "CITYSCAPES_AUGMENTATION",

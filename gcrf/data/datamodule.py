@@ -21,8 +21,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from gcrf.conventions import IGNORE_INDEX, LABEL_MODALITIES
 from gcrf.data.transforms import AugmentationConfig, build_transform
-from gcrf.data.weak_labels import IGNORE_INDEX, rasterise_clicks, rasterise_scribbles
+from gcrf.data.weak_labels import rasterise_clicks, rasterise_scribbles
 
 __all__ = [
     "MODALITIES",
@@ -32,8 +33,8 @@ __all__ = [
     "class_weights",
 ]
 
-#: Label modalities of a sample, in the order of the published ``loss_cross_entropy_modality``.
-MODALITIES: tuple[str, ...] = ("semseg_dense", "semseg_scribbles", "semseg_clicks")
+#: Label modalities of a sample (defined in :mod:`gcrf.conventions`).
+MODALITIES: tuple[str, ...] = LABEL_MODALITIES
 
 
 def class_weights(histogram: torch.Tensor | Sequence[float]) -> torch.Tensor:

@@ -45,8 +45,8 @@ from torchvision.transforms.v2 import Transform
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import query_size
 
+from gcrf.conventions import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from gcrf.data.weak_labels import (
-    IGNORE_INDEX,
     rasterise_clicks,
     rasterise_scribbles,
     shorten_polyline,
@@ -62,10 +62,6 @@ __all__ = [
     "build_transform",
     "to_tv_tensors",
 ]
-
-#: ImageNet RGB mean and standard deviation (images in [0, 1]).
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)

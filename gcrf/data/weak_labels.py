@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from gcrf.conventions import IGNORE_INDEX
+
 __all__ = [
     "IGNORE_INDEX",
     "SCRIBBLESUP_TAGS",
@@ -50,9 +52,6 @@ __all__ = [
     "sha256_of_bytes",
     "shorten_polyline",
 ]
-
-#: Label value meaning "no label here" in every label map of gcrf.
-IGNORE_INDEX = 255
 
 #: ScribbleSup class tags in VOC class order (index = VOC class id).
 SCRIBBLESUP_TAGS: tuple[str, ...] = (

@@ -12,11 +12,12 @@ Importing this package needs only torch; the Triton backend is imported lazily w
 
 from gcrf.loss.affinity import gaussian_affinity, kernels_vis
 from gcrf.loss.backends import available_backends, choose_backend
-from gcrf.loss.functional import gated_crf_loss
+from gcrf.loss.functional import DEFAULT_KERNELS, gated_crf_loss
 from gcrf.loss.module import GatedCRFLoss
 from gcrf.loss.published import ModelLossSemsegGatedCRF
 
 __all__ = [
+    "DEFAULT_KERNELS",
     "GatedCRFLoss",
     "ModelLossSemsegGatedCRF",
     "available_backends",

@@ -33,12 +33,17 @@ from torch import Tensor
 from gcrf.loss.backends import choose_backend, get_backend
 
 __all__ = [
+    "DEFAULT_KERNELS",
     "POSITION_KEYS",
     "Downsampler",
     "KernelDescriptor",
     "gated_crf_loss",
 ]
 
+#: The published kernel: colour (σ 0.1, in the units of the image tensor passed as ``"rgb"``) and
+#: position (σ 6 prediction pixels), weight 1. The recipes pass the ImageNet-normalised image, as the
+#: published training did; WSL4MIS passes [0, 1] MRI intensities.
+DEFAULT_KERNELS: tuple[dict[str, float], ...] = ({"weight": 1.0, "xy": 6.0, "rgb": 0.1},)
 #: Name of the position modality per spatial rank.
 POSITION_KEYS: dict[int, str] = {2: "xy", 3: "xyz"}
 #: A kernel descriptor: ``{"weight": w, "xy": σ_xy, "rgb": σ_rgb, ...}``.

@@ -1,7 +1,7 @@
 """BatchNorm for multi-GPU training (SyncBatchNorm) and for tiny batches (frozen statistics).
 
 - :func:`convert_sync_batchnorm` swaps every BatchNorm for its synchronised version so the batch
-  statistics are computed over all processes of a DDP run.
+  statistics are computed over all processes of a DDP run; :func:`revert_sync_batchnorm` undoes it.
 - :func:`freeze_batchnorm` keeps BatchNorm layers in inference mode: they normalise with their
   running statistics (e.g. the ImageNet ones of a pretrained encoder) and never update them, which
   is what a batch of 1–4 images needs, since statistics over so few samples are noise. The freeze
@@ -16,7 +16,12 @@ import logging
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["convert_sync_batchnorm", "freeze_batchnorm", "is_batchnorm_frozen"]
+__all__ = [
+    "convert_sync_batchnorm",
+    "freeze_batchnorm",
+    "is_batchnorm_frozen",
+    "revert_sync_batchnorm",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -110,3 +115,44 @@ def convert_sync_batchnorm(module: nn.Module, process_group: object | None = Non
     for name, affine in frozen.items():
         freeze_batchnorm(converted.get_submodule(name), affine=affine)
     return converted
+
+
+class _BatchNormXd(_BatchNorm):
+    """A local BatchNorm of any input rank: what a reverted ``SyncBatchNorm`` becomes.
+
+    ``SyncBatchNorm`` does not record whether it came from a 1d, 2d or 3d layer; like Lightning's
+    own revert, the reverted layer accepts any rank.
+    """
+
+    def _check_input_dim(self, input: object) -> None:  # any rank, as SyncBatchNorm accepted
+        return
+
+
+def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Undo :func:`convert_sync_batchnorm`: synchronised layers become local ones.
+
+    timm's ``SyncBatchNormAct`` becomes ``BatchNormAct2d`` again (activation kept) and
+    ``torch.nn.SyncBatchNorm`` a local BatchNorm; parameters, running statistics and a freeze are
+    shared with the synchronised layer (the class of each layer is switched in place).
+
+    Args:
+        module: the converted model.
+
+    Returns:
+        ``module``, with every synchronised BatchNorm made local.
+
+    Example:
+        >>> model = revert_sync_batchnorm(convert_sync_batchnorm(DeepLabV3Plus("resnet18")))
+        >>> isinstance(model.encoder.bn1, torch.nn.SyncBatchNorm)
+        False
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module; got {type(module).__name__}")
+    from timm.layers import BatchNormAct2d, SyncBatchNormAct
+
+    for layer in module.modules():
+        if isinstance(layer, SyncBatchNormAct):
+            layer.__class__ = BatchNormAct2d  # same attributes: norm, act, drop
+        elif isinstance(layer, nn.SyncBatchNorm):
+            layer.__class__ = _BatchNormXd
+    return module

@@ -1,0 +1,257 @@
+"""The LightningModule of gcrf: cross entropy on (weak) labels plus the Gated CRF loss.
+
+:class:`SegmentationModule` receives built objects — the network, the Gated CRF loss module (or
+``None``), the cross-entropy settings and the optimiser / scheduler factories — and builds no
+dataset and moves nothing to a device itself. The objective is the published one::
+
+    total = w_ce · CE(high, labels of the supervising modality; ignore 255, optional class weights)
+          + w_gcrf · GatedCRF(softmax(low) resized to the Gated CRF resolution,
+                              {"rgb": the network input at input resolution}, mask_src = valid)
+
+where ``high`` / ``low`` are the network's logits at the input size / at stride 4, and the Gated CRF
+term is switched on once ``use_after_progress_ratio`` of the training steps have been taken.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from gcrf.conventions import IGNORE_INDEX, LABEL_MODALITIES
+from gcrf.training.objective import cross_entropy_loss, gated_crf_start_step, resize_probabilities
+from gcrf.training.optim import (
+    DEFAULT_LR_SCHEDULER,
+    OptimizerFactory,
+    SchedulerFactory,
+    make_optimizer_factory,
+)
+
+__all__ = ["SegmentationModule"]
+
+
+class SegmentationModule(pl.LightningModule):
+    """Train a segmentation network with cross entropy on (weak) labels plus the Gated CRF loss.
+
+    Args:
+        network: a module whose ``forward(image)`` returns an object with ``low`` (N×C×H/4×W/4) and
+            ``high`` (N×C×H×W) logits (``gcrf.models.SegmentationOutput``).
+        num_classes: number of classes C.
+        gated_crf: the Gated CRF loss module, called as
+            ``gated_crf(probs, {"rgb": image}, mask_src=valid)``; ``None`` trains with CE only.
+        cross_entropy_modality: batch key of the CE labels: ``"semseg_dense"``,
+            ``"semseg_scribbles"`` or ``"semseg_clicks"``.
+        cross_entropy_weight: weight of the CE term.
+        class_weights: optional C class weights of the CE term.
+        gated_crf_weight: weight of the Gated CRF term.
+        gated_crf_resolution: resolution of the probabilities the Gated CRF loss sees (see
+            :func:`resize_probabilities`); ``None`` keeps the network's stride-4 size.
+        gated_crf_use_after_progress_ratio: the Gated CRF term is off for this fraction of the training
+            steps (``trainer.estimated_stepping_batches``), then on.
+        optimizer: optimiser factory (default: published SGD).
+        lr_scheduler: scheduler factory stepped every step (default: the published poly decay,
+            power 0.9, :data:`~gcrf.training.optim.DEFAULT_LR_SCHEDULER`); ``None`` keeps the
+            learning rate constant.
+        class_names: names for per-class metrics (default: the datamodule's ``class_names`` or
+            ``class_0`` …).
+        palette: C×3 uint8 display colours (default: the datamodule's ``palette``).
+        compile_network: run the network's forward through ``torch.compile`` (named so as not to
+            shadow ``nn.Module.compile()``).
+
+    Example:
+        >>> # module = SegmentationModule(create_model("deeplabv3p", num_classes=21), 21,
+        >>> #                             gated_crf=GatedCRFLoss(...), gated_crf_resolution=64)
+        >>> # lightning.Trainer(max_steps=90_000).fit(module, datamodule)
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        num_classes: int,
+        *,
+        gated_crf: nn.Module | None = None,
+        cross_entropy_modality: str = "semseg_dense",
+        cross_entropy_weight: float = 1.0,
+        class_weights: Tensor | Sequence[float] | None = None,
+        gated_crf_weight: float = 0.1,
+        gated_crf_resolution: int | Sequence[int] | None = None,
+        gated_crf_use_after_progress_ratio: float = 0.005,
+        optimizer: OptimizerFactory | None = None,
+        lr_scheduler: SchedulerFactory | None = DEFAULT_LR_SCHEDULER,
+        class_names: Sequence[str] | None = None,
+        palette: Tensor | None = None,
+        compile_network: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(network, nn.Module):
+            raise TypeError(f"network must be an nn.Module, got {type(network).__name__}")
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        if cross_entropy_modality not in LABEL_MODALITIES:
+            raise ValueError(
+                f"cross_entropy_modality must be one of {LABEL_MODALITIES}, "
+                f"got {cross_entropy_modality!r}"
+            )
+        if not 0 <= gated_crf_use_after_progress_ratio <= 1:
+            raise ValueError(
+                "gated_crf_use_after_progress_ratio must be in [0, 1], got "
+                f"{gated_crf_use_after_progress_ratio!r}"
+            )
+        if gated_crf is not None and not callable(gated_crf):
+            raise TypeError(
+                f"gated_crf must be a callable loss module, got {type(gated_crf).__name__}"
+            )
+        self.network = network
+        self.num_classes = num_classes
+        self.gated_crf = gated_crf
+        self.cross_entropy_modality = cross_entropy_modality
+        self.cross_entropy_weight = float(cross_entropy_weight)
+        self.gated_crf_weight = float(gated_crf_weight)
+        self.gated_crf_resolution = gated_crf_resolution
+        self.gated_crf_use_after_progress_ratio = float(gated_crf_use_after_progress_ratio)
+        self.optimizer_factory = optimizer if optimizer is not None else make_optimizer_factory()
+        self.scheduler_factory = lr_scheduler
+        self.class_names = list(class_names) if class_names is not None else None
+        self.palette = palette
+        self.compile_network = bool(compile_network)
+        # The compiled forward is kept out of the module tree (object.__setattr__): registered, it
+        # would add a second copy of every weight to the state dict under another prefix.
+        object.__setattr__(self, "_compiled_network", None)
+        if class_weights is not None:
+            class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
+            if class_weights.shape != (num_classes,):
+                raise ValueError(
+                    f"class_weights must have {num_classes} entries, got shape {tuple(class_weights.shape)}"
+                )
+        # A buffer moves with the module and is saved in checkpoints; None keeps CE unweighted.
+        self.register_buffer("class_weights", class_weights, persistent=True)
+        # IoU per class; NaN marks a class neither present nor predicted (left out of the mean).
+        self.val_iou = MulticlassJaccardIndex(
+            num_classes, average="none", ignore_index=IGNORE_INDEX, zero_division=float("nan")
+        )
+        self._gated_crf_start: int | None = None
+
+    # ---------------------------------------------------------------------------- setup
+    def set_class_weights(self, class_weights: Tensor | Sequence[float] | None) -> None:
+        """Replace the CE class weights (e.g. computed from the datamodule's label histogram)."""
+        if class_weights is None:
+            self.class_weights = None
+            return
+        weights = torch.as_tensor(class_weights, dtype=torch.float32, device=self.device)
+        if weights.shape != (self.num_classes,):
+            raise ValueError(
+                f"class_weights must have {self.num_classes} entries, got shape {tuple(weights.shape)}"
+            )
+        self.class_weights = weights
+
+    def setup(self, stage: str) -> None:
+        datamodule = (
+            getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        )
+        if self.class_names is None:
+            names = getattr(datamodule, "class_names", None)
+            self.class_names = (
+                list(names)
+                if names is not None
+                else [f"class_{c}" for c in range(self.num_classes)]
+            )
+        if self.palette is None and getattr(datamodule, "palette", None) is not None:
+            self.palette = torch.as_tensor(datamodule.palette, dtype=torch.uint8)
+        if self.compile_network and self._compiled_network is None:
+            # Compile the forward only; the parameters stay registered under `network` alone, so
+            # checkpoints of compiled and eager runs are interchangeable.
+            object.__setattr__(self, "_compiled_network", torch.compile(self.network))
+
+    @property
+    def gated_crf_start_step(self) -> int:
+        """First global step with the Gated CRF term on (needs an attached trainer)."""
+        if self._gated_crf_start is None:
+            total = int(self.trainer.estimated_stepping_batches)
+            self._gated_crf_start = gated_crf_start_step(
+                self.gated_crf_use_after_progress_ratio, total
+            )
+        return self._gated_crf_start
+
+    def gated_crf_active(self) -> bool:
+        """Whether the Gated CRF term is part of the objective at the current global step."""
+        return (
+            self.gated_crf is not None
+            and self.gated_crf_weight > 0
+            and self.global_step >= self.gated_crf_start_step
+        )
+
+    # -------------------------------------------------------------------------- forward
+    def forward(self, image: Tensor) -> Any:
+        """The network's output (``low`` and ``high`` logits) for an N×3×H×W normalised image."""
+        network = self.network if self._compiled_network is None else self._compiled_network
+        return network(image)
+
+    def compute_losses(self, batch: Mapping[str, Any], output: Any) -> dict[str, Tensor]:
+        """The objective's terms for one batch.
+
+        Returns:
+            ``{"loss_ce", "loss_gatedcrf", "loss"}``; ``loss_gatedcrf`` is 0 while the term is off.
+        """
+        target = batch[self.cross_entropy_modality]
+        loss_ce = cross_entropy_loss(output.high, target, self.class_weights)
+        loss = self.cross_entropy_weight * loss_ce
+        loss_gatedcrf = torch.zeros((), device=loss_ce.device)
+        if self.gated_crf_active():
+            image = batch["image"]
+            probs = torch.softmax(output.low.float(), dim=1)
+            probs = resize_probabilities(probs, self.gated_crf_resolution, image.shape[-2:])
+            loss_gatedcrf = self.gated_crf(
+                probs, {"rgb": image.float()}, mask_src=batch["valid"].float()
+            )
+            loss = loss + self.gated_crf_weight * loss_gatedcrf
+        return {"loss_ce": loss_ce, "loss_gatedcrf": loss_gatedcrf, "loss": loss}
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        output = self(batch["image"])
+        losses = self.compute_losses(batch, output)
+        batch_size = batch["image"].shape[0]
+        self.log("train/loss", losses["loss"].detach(), prog_bar=True, batch_size=batch_size)
+        self.log("train/loss_ce", losses["loss_ce"].detach(), batch_size=batch_size)
+        self.log("train/loss_gatedcrf", losses["loss_gatedcrf"].detach(), batch_size=batch_size)
+        self.log("train/gatedcrf_active", float(self.gated_crf_active()), batch_size=batch_size)
+        self._last_train_output = (output.high.detach(), batch)
+        return losses["loss"]
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        output = self(batch["image"])
+        target = batch["semseg_dense"]
+        self.val_iou.update(output.high.argmax(dim=1), target)
+        self.log(
+            "val/loss_ce_dense",
+            cross_entropy_loss(output.high, target),
+            batch_size=batch["image"].shape[0],
+            sync_dist=True,
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        iou = self.val_iou.compute()
+        self.val_iou.reset()
+        present = ~torch.isnan(iou)
+        miou = iou[present].mean() if present.any() else torch.zeros((), device=iou.device)
+        self.log("val/mIoU", miou, prog_bar=True)
+        names = self.class_names or [f"class_{c}" for c in range(self.num_classes)]
+        for name, value in zip(names, iou.tolist(), strict=True):
+            if not math.isnan(value):
+                self.log(f"val/IoU/{name}", value)
+
+    # ------------------------------------------------------------------------ optimiser
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, total)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
