@@ -123,7 +123,10 @@ def test_fast_path_image_matches_torchvision_warping_the_padded_image() -> None:
         inside = ndimage.binary_erosion(out["valid"][0].numpy().astype(bool), np.ones((3, 3)))
         fast = out["image"] * std + mean
         torch.testing.assert_close(
-            fast[:, torch.from_numpy(inside)], warped[:, torch.from_numpy(inside)], atol=2e-4, rtol=0
+            fast[:, torch.from_numpy(inside)],
+            warped[:, torch.from_numpy(inside)],
+            atol=2e-4,
+            rtol=0,
         )
         compared += int(inside.sum())
     assert compared > 1000
@@ -141,3 +144,33 @@ def test_resampler_reads_uint8_and_float_sources_alike() -> None:
     # A constant raster (an expanded scalar) gives what the same raster in memory gives.
     constant = torch.full((), 7, dtype=torch.uint8).expand(1, 20, 30)
     assert torch.equal(resampler.nearest(constant, 255), resampler.nearest(constant.clone(), 255))
+
+
+def _naive_scribble(points: np.ndarray, size: tuple[int, int], class_id: int) -> np.ndarray:
+    """Every segment sampled in full every <= 0.5 px, rounded, clipped to the canvas (width 1)."""
+    labels = np.full(size, IGNORE_INDEX, np.int64)
+    samples = [points[:1].astype(np.float64)]
+    for a, b in zip(points[:-1].astype(np.float64), points[1:].astype(np.float64), strict=True):
+        steps = max(1, int(np.ceil(2 * np.abs(b - a).max())))
+        samples.append(a + (b - a) * (np.arange(1, steps + 1) / steps)[:, None])
+    pixels = np.floor(np.concatenate(samples) + 0.5).astype(np.int64)
+    inside = (pixels >= 0).all(1) & (pixels[:, 0] < size[1]) & (pixels[:, 1] < size[0])
+    labels[pixels[inside, 1], pixels[inside, 0]] = class_id
+    return labels
+
+
+def test_scribble_rasterisation_clips_without_moving_the_samples() -> None:
+    """Polylines stretched far beyond the canvas (as a warp leaves them) draw what full sampling
+    draws: the clipping skips only samples that cannot land on the canvas."""
+    rng = np.random.default_rng(5)
+    size = (40, 56)
+    for trial in range(30):
+        spread = [10, 200, 5000][trial % 3]
+        centre = np.array([28.0, 20.0])
+        points = centre + rng.uniform(-spread, spread, (int(rng.integers(1, 8)), 2))
+        if trial % 5 == 0:
+            points[:, 1] = 7.25  # horizontal: parallel to two box edges
+        drawn = rasterise_scribbles([(2, points.astype(np.float32))], size, 1).numpy()
+        # float32 input, as in samples: the reference reads the same rounded vertices.
+        expected = _naive_scribble(points.astype(np.float32), size, 2)
+        assert np.array_equal(drawn, expected), trial

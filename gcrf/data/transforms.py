@@ -169,10 +169,11 @@ def _mask_to_tensor(mask: Any, size: tuple[int, int], name: str = "semseg_dense"
     """Label map → uint8 1×H×W (a constant all-ignore view when ``mask`` is None)."""
     if mask is None:
         return torch.full((), IGNORE_INDEX, dtype=torch.uint8).expand(1, *size)
-    if isinstance(mask, PILImage.Image):
-        mask = np.asarray(mask)
-    tensor = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
-    tensor = tensor.as_subclass(torch.Tensor)
+    if isinstance(mask, torch.Tensor):
+        tensor = mask.as_subclass(torch.Tensor)
+    else:
+        array = np.asarray(mask)  # a decoded PIL image gives a read-only array: copy that one
+        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
     if tensor.ndim == 3 and tensor.shape[0] == 1:
         tensor = tensor[0]
     if tensor.ndim != 2:

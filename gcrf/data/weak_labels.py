@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import itertools
 import json
 import math
 import xml.etree.ElementTree as ElementTree
@@ -254,16 +253,54 @@ def disc_offsets(stroke_width: int) -> np.ndarray:
     return np.stack([kx[keep] - shift, ky[keep] - shift], axis=1).astype(np.int64)
 
 
-def _polyline_pixels(points: np.ndarray) -> np.ndarray:
-    """Integer ``(x, y)`` pixels hit by a polyline sampled every <= 0.5 px (vertices included)."""
+def _clip_parameters(
+    start: np.ndarray, delta: np.ndarray, low: np.ndarray, high: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Liang–Barsky: the parameter range [t0, t1] ⊂ [0, 1] of each segment ``start + t·delta``
+    inside the box ``low ≤ (x, y) ≤ high`` (t0 > t1 where a segment misses the box)."""
+    t0 = np.zeros(len(start))
+    t1 = np.ones(len(start))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for p, q in (
+            (-delta[:, 0], start[:, 0] - low[0]),
+            (delta[:, 0], high[0] - start[:, 0]),
+            (-delta[:, 1], start[:, 1] - low[1]),
+            (delta[:, 1], high[1] - start[:, 1]),
+        ):
+            ratio = q / p
+            t0 = np.where(p < 0, np.maximum(t0, ratio), t0)
+            t1 = np.where(p > 0, np.minimum(t1, ratio), t1)
+            t1 = np.where((p == 0) & (q < 0), -1.0, t1)  # parallel to an edge, outside it
+    return t0, t1
+
+
+def _polyline_pixels(points: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Integer ``(x, y)`` pixels hit by a polyline sampled every <= 0.5 px (vertices included),
+    restricted to the samples inside the box ``[low, high]``.
+
+    Segment ``a → b`` is sampled at ``a + (b − a)·k/n``, ``k = 0..n``, ``n = ceil(2·max|b − a|)``;
+    only the ``k`` whose samples can fall in the box are generated (clipping in parameter space
+    keeps the samples where they would be without it), so a polyline that a warp has stretched far
+    beyond the canvas costs what its visible part costs.
+    """
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    samples = [points[:1]]
-    for a, b in itertools.pairwise(points):
-        steps = max(1, math.ceil(2 * float(np.abs(b - a).max())))
-        t = np.linspace(0.0, 1.0, steps + 1)[1:, None]
-        samples.append(a + (b - a) * t)
-    dense = np.concatenate(samples)
-    dense = dense[np.isfinite(dense).all(axis=1)]
+    points = points[np.isfinite(points).all(axis=1)]
+    if len(points) == 1:
+        inside = ((points >= low) & (points <= high)).all(axis=1)
+        return np.floor(points[inside] + 0.5).astype(np.int64)
+    if len(points) == 0:
+        return np.zeros((0, 2), np.int64)
+    start, delta = points[:-1], points[1:] - points[:-1]
+    steps = np.maximum(1, np.ceil(2 * np.abs(delta).max(axis=1))).astype(np.int64)
+    t0, t1 = _clip_parameters(start, delta, low, high)
+    first = np.clip(np.floor(t0 * steps).astype(np.int64), 0, steps)
+    last = np.clip(np.ceil(t1 * steps).astype(np.int64), 0, steps)
+    counts = np.where(t0 <= t1, last - first + 1, 0)
+    if counts.sum() == 0:
+        return np.zeros((0, 2), np.int64)
+    segment = np.repeat(np.arange(len(start)), counts)
+    k = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + first[segment]
+    dense = start[segment] + delta[segment] * (k / steps[segment])[:, None]
     return np.floor(dense + 0.5).astype(np.int64)
 
 
@@ -273,20 +310,15 @@ def _draw(
     height, width = size
     labels = np.full((height, width), IGNORE_INDEX, dtype=np.int64)
     offsets = disc_offsets(stroke_width)
+    # Samples farther than the pen from the canvas cannot draw on it.
+    low = np.array([-stroke_width, -stroke_width], np.float64)
+    high = np.array([width + stroke_width, height + stroke_width], np.float64)
     for class_id, points in shapes:
-        pixels = _polyline_pixels(points)
+        pixels = _polyline_pixels(points, low, high)
         if len(pixels) == 0:
             continue
-        # Cull samples far outside the canvas before dilating (huge perspective warps).
-        near = (
-            (pixels[:, 0] > -stroke_width)
-            & (pixels[:, 0] < width + stroke_width)
-            & (pixels[:, 1] > -stroke_width)
-            & (pixels[:, 1] < height + stroke_width)
-        )
-        pixels = np.unique(pixels[near], axis=0)
-        if len(pixels) == 0:
-            continue
+        if len(offsets) > 1:  # one pen stamp per distinct pixel
+            pixels = np.unique(pixels, axis=0)
         pen = (pixels[:, None, :] + offsets[None, :, :]).reshape(-1, 2)
         inside = (pen[:, 0] >= 0) & (pen[:, 0] < width) & (pen[:, 1] >= 0) & (pen[:, 1] < height)
         pen = pen[inside]
