@@ -1,1 +1,1 @@
-"""Weak annotations shipped with gcrf (data only): VOC clicks and the ScribbleSup manifest."""
+"""Data shipped with gcrf (no code): VOC clicks, the ScribbleSup and ACDC (WSL4MIS) manifests."""

@@ -7,6 +7,7 @@
 - :mod:`gcrf.data.voc` — Pascal VOC 2012 + SBD with clicks and ScribbleSup scribbles;
 - :mod:`gcrf.data.cityscapes` and :mod:`gcrf.data.cityscapes_clicks` — Cityscapes with synthetic
   clicks generated from the instance masks;
+- :mod:`gcrf.data.acdc` — ACDC cardiac MRI with scribbles (WSL4MIS layout, patient folds, volumes);
 - :mod:`gcrf.data.palettes` — class names and colours of VOC and Cityscapes.
 
 The data modules need the ``train`` extra (Lightning); they are imported on first access.
@@ -27,6 +28,7 @@ _LAZY = {
     "SyntheticDataModule": "gcrf.data.synthetic",
     "VOCDataModule": "gcrf.data.voc",
     "CityscapesDataModule": "gcrf.data.cityscapes",
+    "ACDCDataModule": "gcrf.data.acdc",
 }
 
 __all__ = ["IGNORE_INDEX", "AugmentationConfig", "build_transform", *_LAZY]

@@ -26,12 +26,28 @@ from gcrf.data.transforms import AugmentationConfig, build_transform
 from gcrf.data.weak_labels import rasterise_clicks, rasterise_scribbles
 
 __all__ = [
+    "DATASETS_DIR",
     "MODALITIES",
     "ImageFileDataset",
     "TransformedDataset",
     "WeakSegmentationDataModule",
     "class_weights",
 ]
+
+
+def _datasets_dir() -> Path:
+    """The shipped annotations: ``datasets/`` of the repository, installed as ``gcrf.datasets``."""
+    from importlib.resources import files
+
+    try:
+        return Path(str(files("gcrf.datasets")))
+    except ModuleNotFoundError:  # a source tree on sys.path without an install
+        return Path(__file__).resolve().parents[2] / "datasets"
+
+
+#: The repository's ``datasets/`` folder (shipped annotations and manifests), wherever gcrf runs
+#: from: a source tree or an installed wheel (``gcrf.datasets``).
+DATASETS_DIR = _datasets_dir()
 
 #: Label modalities of a sample (defined in :mod:`gcrf.conventions`).
 MODALITIES: tuple[str, ...] = LABEL_MODALITIES
@@ -75,7 +91,9 @@ class TransformedDataset(Dataset):
         transform: callable applied to every raw sample.
     """
 
-    def __init__(self, raw: Dataset, transform: Callable[[dict[str, Any]], dict[str, Any]]):
+    def __init__(
+        self, raw: Dataset, transform: Callable[[dict[str, Any]], dict[str, Any]] | None
+    ) -> None:
         self.raw = raw
         self.transform = transform
 
@@ -83,7 +101,8 @@ class TransformedDataset(Dataset):
         return len(self.raw)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.transform(self.raw[index])
+        sample = self.raw[index]
+        return sample if self.transform is None else self.transform(sample)
 
 
 class ImageFileDataset(Dataset):
@@ -214,15 +233,22 @@ class WeakSegmentationDataModule(pl.LightningDataModule):
         """
         raise NotImplementedError
 
+    def build_transforms(self) -> tuple[Callable | None, Callable | None]:
+        """The training and validation transforms (raw sample → sample; ``None``: none).
+
+        Default: :func:`~gcrf.data.transforms.build_transform` of the augmentation settings.
+        """
+        return (
+            build_transform(self.augmentation, train=True),
+            build_transform(self.augmentation, train=False),
+        )
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_raw is None or self.val_raw is None:
             self.train_raw, self.val_raw = self.build_datasets()
-            self.train_dataset = TransformedDataset(
-                self.train_raw, build_transform(self.augmentation, train=True)
-            )
-            self.val_dataset = TransformedDataset(
-                self.val_raw, build_transform(self.augmentation, train=False)
-            )
+            train_transform, val_transform = self.build_transforms()
+            self.train_dataset = TransformedDataset(self.train_raw, train_transform)
+            self.val_dataset = TransformedDataset(self.val_raw, val_transform)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

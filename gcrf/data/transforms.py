@@ -62,6 +62,7 @@ __all__ = [
     "IMAGENET_STD",
     "AugmentationConfig",
     "RandomGeometry",
+    "RandomRotateFlipResize",
     "Resampler",
     "SampleTransform",
     "build_transform",
@@ -511,6 +512,71 @@ def _homography_from_points(source: np.ndarray, target: np.ndarray) -> np.ndarra
         rhs.extend([u, v])
     h = np.linalg.solve(np.asarray(rows, dtype=np.float64), np.asarray(rhs, dtype=np.float64))
     return np.append(h, 1.0).reshape(3, 3)
+
+
+class RandomRotateFlipResize(Transform):
+    """The augmentation of the medical recipes (WSL4MIS), as one homography, then resize.
+
+    One draw per sample: with probability 1/2 a rotation by ``k·90°`` (``k`` uniform in 0..3)
+    followed by a flip about a uniformly chosen axis; otherwise, with probability 1/2, a rotation
+    by an angle uniform in ``[−max_rotation_deg, max_rotation_deg]`` about the image centre
+    (corners that leave the image are cut, uncovered corners padded); otherwise nothing. The result
+    is resized to ``size×size`` (each axis by its own factor, as WSL4MIS's ``zoom``). Every raster
+    is resampled once, straight into the output (:class:`Resampler`: bilinear images, nearest
+    masks); pixels from outside the image are padded (image 0, masks 255, invalid).
+
+    Args:
+        size: side of the output (the training size).
+        max_rotation_deg: largest angle of the small rotation (WSL4MIS: 20).
+
+    Example:
+        >>> geometry = RandomRotateFlipResize(16)
+    """
+
+    _transformed_types = (tv_tensors.Image, tv_tensors.Mask, tv_tensors.KeyPoints)
+
+    def __init__(self, size: int, max_rotation_deg: float = 20.0) -> None:
+        super().__init__()
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"size must be an int >= 1, got {size!r}")
+        if not 0 <= max_rotation_deg <= 180:
+            raise ValueError(f"max_rotation_deg must be in [0, 180], got {max_rotation_deg!r}")
+        self.size = size
+        self.max_rotation_deg = float(max_rotation_deg)
+
+    def forward_homography(self, height: int, width: int) -> np.ndarray:
+        """Draw the homography (continuous source → continuous output coordinates)."""
+        cx, cy = width / 2, height / 2
+        to_centre = np.array([[1.0, 0, -cx], [0, 1.0, -cy], [0, 0, 1.0]])
+        linear = np.eye(3)
+        if float(torch.rand(())) > 0.5:
+            k = int(torch.randint(0, 4, ()))
+            flip_rows = bool(torch.randint(0, 2, ()))
+            quarter = np.array([[0.0, 1, 0], [-1, 0, 0], [0, 0, 1]])  # 90° on screen
+            flip = np.diag([1.0, -1.0, 1.0]) if flip_rows else np.diag([-1.0, 1.0, 1.0])
+            linear = flip @ np.linalg.matrix_power(quarter, k)
+        elif float(torch.rand(())) > 0.5:
+            angle = math.radians(
+                -self.max_rotation_deg + 2 * self.max_rotation_deg * float(torch.rand(()))
+            )
+            cos, sin = math.cos(angle), math.sin(angle)
+            linear = np.array([[cos, sin, 0.0], [-sin, cos, 0.0], [0.0, 0.0, 1.0]])
+        # Quarter turns swap the axes: the turned image is W' × H' before the resize.
+        turned_w = abs(linear[0, 0]) * width + abs(linear[0, 1]) * height
+        turned_h = abs(linear[1, 0]) * width + abs(linear[1, 1]) * height
+        if not (linear[0, 1] == 0 or linear[0, 0] == 0):  # a small rotation keeps the frame
+            turned_w, turned_h = width, height
+        back = np.array([[1.0, 0, turned_w / 2], [0, 1.0, turned_h / 2], [0, 0, 1.0]])
+        resize = np.diag([self.size / turned_w, self.size / turned_h, 1.0])
+        return resize @ back @ linear @ to_centre
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = _query_size(flat_inputs)
+        forward = self.forward_homography(height, width)
+        return warp_params(forward, (height, width), (self.size, self.size))
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return _resample(inpt, params)
 
 
 class CenterCropPad(Transform):

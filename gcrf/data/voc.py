@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
-from gcrf.data.datamodule import ImageFileDataset, WeakSegmentationDataModule
+from gcrf.data.datamodule import DATASETS_DIR, ImageFileDataset, WeakSegmentationDataModule
 from gcrf.data.palettes import VOC_CLASS_NAMES, VOC_PALETTE
 from gcrf.data.transforms import AugmentationConfig
 from gcrf.data.weak_labels import (
@@ -64,18 +64,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _datasets_dir() -> Path:
-    """The shipped annotations: ``datasets/`` of the repository, installed as ``gcrf.datasets``."""
-    from importlib.resources import files
-
-    try:
-        return Path(str(files("gcrf.datasets")))
-    except ModuleNotFoundError:  # a source tree on sys.path without an install
-        return Path(__file__).resolve().parents[2] / "datasets"
-
-
-#: The repository's ``datasets/`` folder (shipped annotations and manifests).
-DATASETS_DIR = _datasets_dir()
 VOC_SUBDIR = Path("VOCdevkit/VOC2012")
 SBD_SUBDIR = Path("SBD")
 SPLITS = ("train", "val")

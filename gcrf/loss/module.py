@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
+from gcrf.loss.affinity import gaussian_affinity, kernels_vis
 from gcrf.loss.backends import BACKENDS, preload_backends
 from gcrf.loss.functional import (
     Downsampler,
@@ -99,6 +100,57 @@ class GatedCRFLoss(nn.Module):
             self.spacing,
         )
         return loss_from_prepared(prepared, self.backend)
+
+    def affinity(
+        self,
+        features: Mapping[str, Tensor],
+        size: Sequence[int],
+        mask_src: Tensor | None = None,
+        mask_dst: Tensor | None = None,
+    ) -> Tensor:
+        """Exactly the gated kernel ``G_ij·K_ij`` this loss weighs for probabilities of ``size``.
+
+        Same kernels, radius, downsamplers, spacing, gates and backend as :meth:`forward`; the
+        layout is :func:`gcrf.loss.gaussian_affinity`'s.
+
+        Args:
+            features: the modalities passed to :meth:`forward`.
+            size: spatial size of the probabilities the loss sees ((h, w) or (d, h, w)).
+            mask_src, mask_dst: the gates passed to :meth:`forward`.
+
+        Shape:
+            Returns N×(2r+1)^k×*size.
+        """
+        return gaussian_affinity(
+            features,
+            self._kernels_desc,
+            self.radius,
+            size=size,
+            mask_src=mask_src,
+            mask_dst=mask_dst,
+            downsamplers=self.downsamplers,
+            spacing=self.spacing,
+            backend=self.backend,
+        )
+
+    def kernels_vis(
+        self,
+        features: Mapping[str, Tensor],
+        size: Sequence[int],
+        mask_src: Tensor | None = None,
+        mask_dst: Tensor | None = None,
+        output_size: Sequence[int] | None = None,
+    ) -> Tensor:
+        """The published ``kernels_vis`` tiling of :meth:`affinity` (images), N×1×H×W.
+
+        Args:
+            features, size, mask_src, mask_dst: as for :meth:`affinity`.
+            output_size: (H, W) of the picture (default: the spatial size of the features).
+        """
+        affinity = self.affinity(features, size, mask_src, mask_dst)
+        if output_size is None:
+            output_size = next(iter(features.values())).shape[-2:] if features else size
+        return kernels_vis(affinity, self.radius, tuple(int(s) for s in output_size))
 
     def extra_repr(self) -> str:
         return (

@@ -19,15 +19,15 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gcrf.models.batchnorm import freeze_batchnorm as freeze_batchnorm_layers
-from gcrf.models.encoders import SKIP_REDUCTION, create_encoder, probe_encoder
-from gcrf.models.weights import check_state_dict_fits, identify_layout, read_state_dict
+from gcrf.models.encoders import SKIP_REDUCTION, build_encoder, load_whole_model
+from gcrf.models.interface import SegmentationOutput, check_image_batch
 
 __all__ = ["ASPP", "DeepLabV3Plus", "DeepLabV3PlusDecoder", "SegmentationOutput"]
 
@@ -36,20 +36,6 @@ logger = logging.getLogger(__name__)
 OUTPUT_STRIDES = (8, 16, 32)
 PADDING_MODES = ("constant", "replicate")
 _BASE_RATES = (6, 12, 18)  # the paper's atrous rates at output stride 16
-
-
-class SegmentationOutput(NamedTuple):
-    """Logits of a segmentation network at two resolutions.
-
-    Attributes:
-        low: N×C×ceil(H/4)×ceil(W/4) logits at stride 4, the network's own resolution (input of
-            the Gated CRF loss, after softmax).
-        high: N×C×H×W logits, ``low`` upsampled bilinearly to the input size (cross-entropy,
-            evaluation).
-    """
-
-    low: Tensor
-    high: Tensor
 
 
 def _conv_bn_relu(
@@ -234,11 +220,6 @@ class DeepLabV3Plus(nn.Module):
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
         _check_choice("output_stride", output_stride, OUTPUT_STRIDES)
         _check_choice("padding_mode", padding_mode, PADDING_MODES)
-        if not isinstance(pretrained, (bool, str, os.PathLike)):
-            raise TypeError(
-                f"pretrained must be a bool or the path of a weight file; got "
-                f"{type(pretrained).__name__}"
-            )
         if not 0.0 <= aspp_dropout < 1.0:
             raise ValueError(f"aspp_dropout must be in [0, 1); got {aspp_dropout!r}")
         if aspp_rates is None:
@@ -247,39 +228,14 @@ class DeepLabV3Plus(nn.Module):
         if not aspp_rates or not all(isinstance(r, int) and r >= 1 for r in aspp_rates):
             raise ValueError(f"aspp_rates must be positive integers; got {aspp_rates!r}")
 
-        encoder_kwargs = dict(encoder_kwargs or {})
-        for reserved in ("in_chans", "features_only", "out_indices", "output_stride", "pretrained"):
-            if reserved in encoder_kwargs:
-                raise ValueError(
-                    f"encoder_kwargs must not set {reserved!r} (DeepLabV3Plus sets it; use its own "
-                    f"arguments in_channels, output_stride, pretrained); got {encoder_kwargs!r}"
-                )
-        encoder_kwargs["in_chans"] = in_channels
-        spec = probe_encoder(encoder, encoder_kwargs)
-        if output_stride > spec.natural_stride:
-            raise ValueError(
-                f"output_stride={output_stride} exceeds the stride of encoder {encoder!r}'s deepest "
-                f"feature ({spec.natural_stride})"
-            )
-        weights = None
-        if isinstance(pretrained, bool):
-            self.encoder = create_encoder(spec, output_stride, pretrained, None, encoder_kwargs)
-        else:
-            origin = f"weight file {os.fspath(pretrained)!r}"
-            weights = read_state_dict(pretrained)
-            self.encoder = create_encoder(spec, output_stride, False, None, encoder_kwargs)
-            layout = identify_layout(weights, self.encoder)
-            if layout == "encoder":
-                check_state_dict_fits(weights, self.encoder, origin, layout)
-                self.encoder.load_state_dict(weights)
-                weights = None
-            elif layout == "timm":
-                self.encoder = create_encoder(
-                    spec, output_stride, False, weights, encoder_kwargs, weights_origin=origin
-                )
-                weights = None
-            logger.info("loaded %s (%s layout)", origin, layout)
-
+        _, self.encoder, pending = build_encoder(
+            encoder,
+            output_stride,
+            pretrained,
+            in_channels,
+            encoder_kwargs,
+            model="DeepLabV3Plus",
+        )
         skip_channels, deep_channels = (int(c) for c in self.encoder.feature_info.channels())
         self.aspp = ASPP(deep_channels, aspp_channels, aspp_rates, aspp_dropout)
         self.decoder = DeepLabV3PlusDecoder(
@@ -289,9 +245,7 @@ class DeepLabV3Plus(nn.Module):
         _init_decoder(self.aspp)
         _init_decoder(self.decoder)
 
-        if weights is not None:  # whole-model layout: everything, strictly
-            check_state_dict_fits(weights, self, origin, "whole-model")
-            self.load_state_dict(weights)
+        load_whole_model(self, pending)  # whole-model weights: everything, strictly
 
         self.encoder_name = encoder
         self.num_classes = num_classes
@@ -305,19 +259,6 @@ class DeepLabV3Plus(nn.Module):
         if freeze_batchnorm:
             freeze_batchnorm_layers(self)
 
-    def _check_input(self, x: Any) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a tensor; got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"x must be N×{self.in_channels}×H×W (a batch of images); got shape "
-                f"{tuple(x.shape)}"
-            )
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor; got dtype {x.dtype}")
-        if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
-            raise ValueError(f"x must not be empty; got shape {tuple(x.shape)}")
-
     def forward(self, x: Tensor) -> SegmentationOutput:
         """Predict class logits.
 
@@ -328,7 +269,7 @@ class DeepLabV3Plus(nn.Module):
         Returns:
             :class:`SegmentationOutput` ``(low, high)``: logits at stride 4 and at the input size.
         """
-        self._check_input(x)
+        check_image_batch(x, self.in_channels)
         height, width = x.shape[-2:]
         multiple = self.output_stride
         pad_h = (-height) % multiple

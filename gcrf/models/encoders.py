@@ -13,6 +13,7 @@ from those numbers, never from a table of known encoders. Two levels are kept (`
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,14 +21,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gcrf.models.weights import PretrainedWeightsError, encoder_weights_hint, shorten
+from gcrf.models.weights import (
+    PretrainedWeightsError,
+    check_state_dict_fits,
+    encoder_weights_hint,
+    identify_layout,
+    read_state_dict,
+    shorten,
+)
 
 try:
     import timm
 except ImportError as error:  # pragma: no cover - exercised only without the optional dependency
     raise ImportError("gcrf.models needs timm: pip install 'gcrf[train]' (or timm)") from error
 
-__all__ = ["SKIP_REDUCTION", "EncoderSpec", "create_encoder", "probe_encoder"]
+__all__ = [
+    "SKIP_REDUCTION",
+    "EncoderSpec",
+    "build_encoder",
+    "create_encoder",
+    "load_whole_model",
+    "probe_encoder",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +133,9 @@ def create_encoder(
     state_dict: Mapping[str, Tensor] | None = None,
     encoder_kwargs: Mapping[str, Any] | None = None,
     weights_origin: str = "the given state dict",
+    all_levels: bool = False,
 ) -> nn.Module:
-    """The timm ``features_only`` model returning [stride-4 skip, deepest feature].
+    """The timm ``features_only`` model returning [stride-4 skip, deepest feature] (or every level).
 
     Args:
         spec: the encoder's levels, from :func:`probe_encoder`.
@@ -130,6 +146,7 @@ def create_encoder(
             checkpoint filter maps original checkpoints; the classifier is dropped), strictly.
         encoder_kwargs: extra keyword arguments for ``timm.create_model``.
         weights_origin: how error messages name ``state_dict`` (e.g. the file it came from).
+        all_levels: return every feature level (a UNet decoder), not just the skip and the deepest.
 
     Returns:
         The timm module; its ``feature_info`` lists the two kept levels. Its output is a list of
@@ -155,7 +172,11 @@ def create_encoder(
         encoder = timm.create_model(
             spec.name,
             features_only=True,
-            out_indices=(spec.skip_index, spec.deep_index),
+            out_indices=(
+                tuple(range(spec.deep_index + 1))
+                if all_levels
+                else (spec.skip_index, spec.deep_index)
+            ),
             pretrained=pretrained,
             **kwargs,
         )
@@ -180,10 +201,96 @@ def create_encoder(
             ) from error
         raise
     reductions = [int(r) for r in encoder.feature_info.reduction()]
-    if reductions != [SKIP_REDUCTION, output_stride]:
+    expected = [SKIP_REDUCTION, output_stride]
+    if all_levels:
+        expected = [min(r, output_stride) for r in spec.reductions]
+    if reductions != expected:
         raise ValueError(
             f"encoder {spec.name!r} built with output_stride={output_stride} has feature "
-            f"reductions {reductions}, expected [{SKIP_REDUCTION}, {output_stride}]: it does not "
-            f"support this output stride"
+            f"reductions {reductions}, expected {expected}: it does not support this output stride"
         )
     return encoder
+
+
+#: Whole-model weights still to load once the model around the encoder exists: (state dict, origin).
+PendingWeights = tuple[dict[str, Tensor], str]
+
+
+def build_encoder(
+    name: str,
+    output_stride: int,
+    pretrained: bool | str | os.PathLike[str],
+    in_channels: int,
+    encoder_kwargs: Mapping[str, Any] | None,
+    *,
+    model: str,
+    all_levels: bool = False,
+) -> tuple[EncoderSpec, nn.Module, PendingWeights | None]:
+    """The encoder of a segmentation model, with its pretrained weights where they are encoder or
+    timm weights (one home for every model of the zoo).
+
+    ``pretrained``: ``False``; ``True`` (timm downloads ImageNet weights and adapts the first
+    convolution to ``in_channels`` the way timm does: summed or repeated over input channels); or a
+    weight file (``.safetensors`` or ``torch.save``) holding an encoder, a timm classification or a
+    whole-model state dict. Whole-model weights cannot be loaded before the model around the
+    encoder exists: they are returned, for :func:`load_whole_model`.
+
+    Args:
+        name: timm encoder name.
+        output_stride: stride of the deepest feature.
+        pretrained: see above.
+        in_channels: input channels (``in_chans`` of timm; 1 for MR/CT slices).
+        encoder_kwargs: extra keyword arguments for ``timm.create_model``; must not set what the
+            model sets itself.
+        model: the model's name, for error messages.
+        all_levels: keep every feature level (UNet) instead of the stride-4 skip and the deepest.
+
+    Returns:
+        ``(spec, encoder, pending whole-model weights or None)``.
+    """
+    if not isinstance(pretrained, (bool, str, os.PathLike)):
+        raise TypeError(
+            f"pretrained must be a bool or the path of a weight file; got {type(pretrained).__name__}"
+        )
+    kwargs = dict(encoder_kwargs or {})
+    for reserved in ("in_chans", "features_only", "out_indices", "output_stride", "pretrained"):
+        if reserved in kwargs:
+            raise ValueError(
+                f"encoder_kwargs must not set {reserved!r} ({model} sets it; use its own arguments "
+                f"in_channels, output_stride, pretrained); got {dict(encoder_kwargs or {})!r}"
+            )
+    kwargs["in_chans"] = in_channels
+    spec = probe_encoder(name, kwargs)
+    if output_stride > spec.natural_stride:
+        raise ValueError(
+            f"output_stride={output_stride} exceeds the stride of encoder {name!r}'s deepest "
+            f"feature ({spec.natural_stride})"
+        )
+    if isinstance(pretrained, bool):
+        encoder = create_encoder(
+            spec, output_stride, pretrained, None, kwargs, all_levels=all_levels
+        )
+        return spec, encoder, None
+    origin = f"weight file {os.fspath(pretrained)!r}"
+    weights = read_state_dict(pretrained)
+    encoder = create_encoder(spec, output_stride, False, None, kwargs, all_levels=all_levels)
+    layout = identify_layout(weights, encoder)
+    logger.info("loading %s (%s layout)", origin, layout)
+    if layout == "encoder":
+        check_state_dict_fits(weights, encoder, origin, layout)
+        encoder.load_state_dict(weights)
+        return spec, encoder, None
+    if layout == "timm":
+        encoder = create_encoder(
+            spec, output_stride, False, weights, kwargs, origin, all_levels=all_levels
+        )
+        return spec, encoder, None
+    return spec, encoder, (weights, origin)
+
+
+def load_whole_model(model: nn.Module, pending: PendingWeights | None) -> None:
+    """Load the whole-model weights :func:`build_encoder` returned (strictly), if any."""
+    if pending is not None:
+        weights, origin = pending
+        check_state_dict_fits(weights, model, origin, "whole-model")
+        model.load_state_dict(weights)

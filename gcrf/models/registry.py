@@ -2,7 +2,8 @@
 
 Entry points are small functions registered by decorator (as in timm): the function's name is the
 model's name, its keyword arguments are the model's. ``"deeplabv3p"`` takes the encoder as a keyword
-(any timm encoder); ``"deeplabv3p_resnet18/34/50/101"`` fix the encoders of the published work.
+(any timm encoder); ``"deeplabv3p_resnet18/34/50/101"`` fix the encoders of the published work;
+``"unet"`` (any timm encoder, the medical baseline) and ``"unet_resnet18/34"``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, TypeVar, overload
 from torch import nn
 
 from gcrf.models.deeplabv3plus import DeepLabV3Plus
+from gcrf.models.unet import UNet
 
 __all__ = ["create_model", "list_models", "register_model"]
 
@@ -132,3 +134,27 @@ def _fixed_encoder(encoder: str) -> Callable[..., DeepLabV3Plus]:
 
 for _encoder in ("resnet18", "resnet34", "resnet50", "resnet101"):
     register_model(_fixed_encoder(_encoder))
+
+
+@register_model
+def unet(encoder: str = "resnet34", **kwargs: Any) -> UNet:
+    """UNet on any timm encoder (default resnet34)."""
+    return UNet(encoder=encoder, **kwargs)
+
+
+def _unet_fixed_encoder(encoder: str) -> Callable[..., UNet]:
+    def factory(**kwargs: Any) -> UNet:
+        if "encoder" in kwargs:
+            raise TypeError(
+                f"model 'unet_{encoder}' fixes encoder={encoder!r}; use "
+                f"create_model('unet', encoder={kwargs['encoder']!r}) for another one"
+            )
+        return UNet(encoder=encoder, **kwargs)
+
+    factory.__name__ = factory.__qualname__ = f"unet_{encoder}"
+    factory.__doc__ = f"UNet on a timm {encoder} encoder."
+    return factory
+
+
+for _encoder in ("resnet18", "resnet34"):
+    register_model(_unet_fixed_encoder(_encoder))

@@ -25,8 +25,6 @@ from lightning.pytorch.callbacks import (
 )
 from torch import Tensor
 
-from gcrf.training.objective import resize_probabilities
-
 if TYPE_CHECKING:  # pragma: no cover - only for type checkers
     from gcrf.training.module import SegmentationModule
 
@@ -179,9 +177,14 @@ class SegmentationVisualizer(Callback):
         return None
 
     def render(
-        self, pl_module: SegmentationModule, batch: Mapping[str, Any], high: Tensor
+        self, pl_module: SegmentationModule, batch: Mapping[str, Any], output: Any
     ) -> Tensor:
-        """The uint8 3×H'×W' grid of the first samples of a batch (one column of panels each)."""
+        """The uint8 3×H'×W' grid of the first samples of a batch (one column of panels each).
+
+        ``output`` is the network's output on the batch (``low`` and ``high`` logits). RGB inputs
+        are shown denormalised (ImageNet statistics), 1-channel inputs (MR intensities in [0, 1])
+        as grey.
+        """
         from gcrf import viz
 
         count = min(self.num_samples, batch["image"].shape[0])
@@ -190,17 +193,19 @@ class SegmentationVisualizer(Callback):
             from gcrf.data.palettes import distinct_palette
 
             palette = distinct_palette(pl_module.num_classes)
-        image = viz.to_uint8_image(
-            viz.denormalize_image(batch["image"][:count].detach().float().cpu())
-        )
+        network_input = batch["image"][:count].detach().float().cpu()
+        if network_input.shape[1] == 1:
+            image = viz.to_uint8_image(network_input.clamp(0, 1).expand(-1, 3, -1, -1))
+        else:
+            image = viz.to_uint8_image(viz.denormalize_image(network_input))
         weak = batch[pl_module.cross_entropy_modality][:count].cpu()
         panels = [
             image,
             viz.colorize_labels(batch["semseg_dense"][:count].cpu(), palette),
             viz.colorize_labels(viz.dilate_labels(weak, 3), palette),
-            viz.colorize_labels(high[:count].argmax(1).cpu(), palette),
+            viz.colorize_labels(output.high[:count].argmax(1).cpu(), palette),
         ]
-        kernels = self._kernels_vis(pl_module, batch, count)
+        kernels = self._kernels_vis(pl_module, batch, output, count)
         if kernels is not None:
             panels.append(viz.affinity_overlay(image, kernels.cpu()))
         columns = torch.cat(panels, dim=2)  # N×3×(P·H)×W: the panels of a sample stacked vertically
@@ -208,31 +213,18 @@ class SegmentationVisualizer(Callback):
 
     @staticmethod
     def _kernels_vis(
-        pl_module: SegmentationModule, batch: Mapping[str, Any], count: int
+        pl_module: SegmentationModule, batch: Mapping[str, Any], output: Any, count: int
     ) -> Tensor | None:
-        """Gated CRF kernels of the first samples (the published ``kernels_vis``) as N×H×W."""
+        """The kernels the module's Gated CRF loss weighs on this batch (the published
+        ``kernels_vis``), N×H×W: the loss's own :meth:`~gcrf.loss.GatedCRFLoss.kernels_vis` on
+        the inputs :meth:`SegmentationModule.gated_crf_inputs` gives it."""
         loss = pl_module.gated_crf
-        if loss is None:
+        if loss is None or not hasattr(loss, "kernels_vis"):
             return None
-        kernels = getattr(loss, "kernels", None) or getattr(loss, "_kernels_desc", None)
-        radius = getattr(loss, "radius", None)
-        if kernels is None or radius is None:
-            return None
-        from gcrf.loss.affinity import gaussian_affinity, kernels_vis
-
-        image = batch["image"][:count].float()
-        if pl_module.gated_crf_resolution is None:
-            size = (image.shape[-2] // 4, image.shape[-1] // 4)
-        else:
-            size = tuple(
-                resize_probabilities(
-                    image[:1, :1], pl_module.gated_crf_resolution, image.shape[-2:]
-                ).shape[-2:]
-            )
-        affinity = gaussian_affinity(
-            {"rgb": image}, kernels, radius, size=size, mask_src=batch["valid"][:count].float()
-        )
-        return kernels_vis(affinity, radius, image.shape[-2:])[:, 0]
+        sample = {k: v[:count] if isinstance(v, Tensor) else v for k, v in batch.items()}
+        low = output.low[:count]
+        probs, features, mask_src = pl_module.gated_crf_inputs(sample, type(output)(low, low))
+        return loss.kernels_vis(features, probs.shape[-2:], mask_src=mask_src)[:, 0]
 
     def on_train_batch_end(
         self,
@@ -250,8 +242,8 @@ class SegmentationVisualizer(Callback):
         last = getattr(pl_module, "_last_train_output", None)
         if experiment is None or last is None:
             return
-        high, last_batch = last
-        grid = self.render(pl_module, last_batch, high)
+        output, last_batch = last
+        grid = self.render(pl_module, last_batch, output)
         experiment.add_image("train/batch", grid, global_step=trainer.global_step)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -270,18 +262,21 @@ class SegmentationVisualizer(Callback):
             ids = [i for i in ids if 0 <= i < len(dataset)]
             if not ids:
                 continue
-            batch = torch.utils.data.default_collate([dataset[i] for i in ids])
+            items = [dataset[i] for i in ids]
+            if items[0]["image"].dim() != 3:  # whole volumes (medical validation): not pictured
+                continue
+            batch = torch.utils.data.default_collate(items)
             batch = {
                 k: v.to(pl_module.device) if isinstance(v, Tensor) else v for k, v in batch.items()
             }
             was_training = pl_module.training
             pl_module.eval()
             with torch.no_grad():
-                high = pl_module(batch["image"]).high
+                output = pl_module(batch["image"])
             pl_module.train(was_training)
             saved = self.num_samples
             self.num_samples = len(ids)
-            grid = self.render(pl_module, batch, high)
+            grid = self.render(pl_module, batch, output)
             self.num_samples = saved
             experiment.add_image(tag, grid, global_step=trainer.global_step)
 
@@ -300,6 +295,7 @@ def default_callbacks(
     visualizer: SegmentationVisualizer | None = None,
     progress_every_n_steps: int = 50,
     checkpoint_dir: str | None = None,
+    monitor: str = "val/mIoU",
 ) -> list[Callback]:
     """Best and latest checkpoints, per-step LR logging, a progress display and the visualiser.
 
@@ -311,18 +307,20 @@ def default_callbacks(
         visualizer: the image-grid callback (``None``: none).
         progress_every_n_steps: interval of the plain progress lines.
         checkpoint_dir: where checkpoints go (default: the logger's directory).
+        monitor: the validation metric (higher is better) of the best checkpoint: ``"val/mIoU"``
+            for images, ``"val/dice"`` for volumes.
 
     Returns:
         A list of callbacks for ``Trainer(callbacks=...)``.
     """
     callbacks: list[Callback] = [
-        # Best by validation mIoU (first: `trainer.checkpoint_callback` reports its best score).
+        # Best by the monitored metric (first: `trainer.checkpoint_callback` reports its score).
         ModelCheckpoint(
             dirpath=checkpoint_dir,
-            monitor="val/mIoU",
+            monitor=monitor,
             mode="max",
             save_top_k=1,
-            filename="best-step{step:06d}-miou{val/mIoU:.4f}",
+            filename="best-step{step:06d}-" + monitor.split("/")[-1] + "{" + monitor + ":.4f}",
             auto_insert_metric_name=False,
         ),
         # The latest state after every validation, plus `last.ckpt` linking to it: a run killed

@@ -20,11 +20,18 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from gcrf.conventions import IGNORE_INDEX, LABEL_MODALITIES
-from gcrf.training.objective import cross_entropy_loss, gated_crf_start_step, resize_probabilities
+from gcrf.training.metrics import VolumeScores
+from gcrf.training.objective import (
+    cross_entropy_loss,
+    dice_loss,
+    gated_crf_start_step,
+    resize_probabilities,
+)
 from gcrf.training.optim import (
     DEFAULT_LR_SCHEDULER,
     OptimizerFactory,
@@ -47,6 +54,8 @@ class SegmentationModule(pl.LightningModule):
         cross_entropy_modality: batch key of the CE labels: ``"semseg_dense"``,
             ``"semseg_scribbles"`` or ``"semseg_clicks"``.
         cross_entropy_weight: weight of the CE term.
+        dice_weight: weight of a soft Dice term on the same labels (WSL4MIS trains dense labels with
+            0.5·CE + 0.5·Dice); 0 leaves it out.
         class_weights: optional C class weights of the CE term.
         gated_crf_weight: weight of the Gated CRF term.
         gated_crf_resolution: resolution of the probabilities the Gated CRF loss sees (see
@@ -77,6 +86,7 @@ class SegmentationModule(pl.LightningModule):
         gated_crf: nn.Module | None = None,
         cross_entropy_modality: str = "semseg_dense",
         cross_entropy_weight: float = 1.0,
+        dice_weight: float = 0.0,
         class_weights: Tensor | Sequence[float] | None = None,
         gated_crf_weight: float = 0.1,
         gated_crf_resolution: int | Sequence[int] | None = None,
@@ -111,6 +121,7 @@ class SegmentationModule(pl.LightningModule):
         self.gated_crf = gated_crf
         self.cross_entropy_modality = cross_entropy_modality
         self.cross_entropy_weight = float(cross_entropy_weight)
+        self.dice_weight = float(dice_weight)
         self.gated_crf_weight = float(gated_crf_weight)
         self.gated_crf_resolution = gated_crf_resolution
         self.gated_crf_use_after_progress_ratio = float(gated_crf_use_after_progress_ratio)
@@ -134,6 +145,11 @@ class SegmentationModule(pl.LightningModule):
         self.val_iou = MulticlassJaccardIndex(
             num_classes, average="none", ignore_index=IGNORE_INDEX, zero_division=float("nan")
         )
+        # Volumes (N×C×Z×H×W validation batches): 3D Dice and HD95, built at setup (class names).
+        self.val_volumes: VolumeScores | None = None
+        #: Size at which validation volumes are predicted slice by slice (default: the data
+        #: module's ``inference_size``, else each slice's own size).
+        self.inference_size: tuple[int, int] | None = None
         self._gated_crf_start: int | None = None
 
     # ---------------------------------------------------------------------------- setup
@@ -162,6 +178,10 @@ class SegmentationModule(pl.LightningModule):
             )
         if self.palette is None and getattr(datamodule, "palette", None) is not None:
             self.palette = torch.as_tensor(datamodule.palette, dtype=torch.uint8)
+        if self.inference_size is None and getattr(datamodule, "inference_size", None):
+            self.inference_size = tuple(int(s) for s in datamodule.inference_size)
+        if self.val_volumes is None:
+            self.val_volumes = VolumeScores(self.class_names)
         if self.compile_network and self._compiled_network is None:
             # Compile the forward only; the parameters stay registered under `network` alone, so
             # checkpoints of compiled and eager runs are interchangeable.
@@ -187,7 +207,7 @@ class SegmentationModule(pl.LightningModule):
 
     # -------------------------------------------------------------------------- forward
     def forward(self, image: Tensor) -> Any:
-        """The network's output (``low`` and ``high`` logits) for an N×3×H×W normalised image."""
+        """The network's output (``low`` and ``high`` logits) for an N×C×H×W network input."""
         network = self.network if self._compiled_network is None else self._compiled_network
         return network(image)
 
@@ -200,16 +220,32 @@ class SegmentationModule(pl.LightningModule):
         target = batch[self.cross_entropy_modality]
         loss_ce = cross_entropy_loss(output.high, target, self.class_weights)
         loss = self.cross_entropy_weight * loss_ce
+        losses = {"loss_ce": loss_ce}
+        if self.dice_weight > 0:
+            losses["loss_dice"] = dice_loss(output.high, target)
+            loss = loss + self.dice_weight * losses["loss_dice"]
         loss_gatedcrf = torch.zeros((), device=loss_ce.device)
         if self.gated_crf_active():
-            image = batch["image"]
-            probs = torch.softmax(output.low.float(), dim=1)
-            probs = resize_probabilities(probs, self.gated_crf_resolution, image.shape[-2:])
-            loss_gatedcrf = self.gated_crf(
-                probs, {"rgb": image.float()}, mask_src=batch["valid"].float()
-            )
+            probs, features, mask_src = self.gated_crf_inputs(batch, output)
+            loss_gatedcrf = self.gated_crf(probs, features, mask_src=mask_src)
             loss = loss + self.gated_crf_weight * loss_gatedcrf
-        return {"loss_ce": loss_ce, "loss_gatedcrf": loss_gatedcrf, "loss": loss}
+        return {**losses, "loss_gatedcrf": loss_gatedcrf, "loss": loss}
+
+    def gated_crf_inputs(
+        self, batch: Mapping[str, Any], output: Any
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """What the Gated CRF loss is called with: ``(probs, features, mask_src)``.
+
+        ``probs`` = softmax of the network's ``low`` logits resized to ``gated_crf_resolution``;
+        ``features`` = ``{"rgb": the network input}`` (σ_rgb is in the units of that input:
+        ImageNet-normalised RGB for the natural-image recipes, [0, 1] intensities for MR);
+        ``mask_src`` = the valid-pixel mask. The training visualiser shows the kernels of exactly
+        these inputs.
+        """
+        image = batch["image"]
+        probs = torch.softmax(output.low.float(), dim=1)
+        probs = resize_probabilities(probs, self.gated_crf_resolution, image.shape[-2:])
+        return probs, {"rgb": image.float()}, batch["valid"].float()
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         output = self(batch["image"])
@@ -218,11 +254,17 @@ class SegmentationModule(pl.LightningModule):
         self.log("train/loss", losses["loss"].detach(), prog_bar=True, batch_size=batch_size)
         self.log("train/loss_ce", losses["loss_ce"].detach(), batch_size=batch_size)
         self.log("train/loss_gatedcrf", losses["loss_gatedcrf"].detach(), batch_size=batch_size)
+        if "loss_dice" in losses:
+            self.log("train/loss_dice", losses["loss_dice"].detach(), batch_size=batch_size)
         self.log("train/gatedcrf_active", float(self.gated_crf_active()), batch_size=batch_size)
-        self._last_train_output = (output.high.detach(), batch)
+        self._last_train_output = (type(output)(*(t.detach() for t in output)), batch)
         return losses["loss"]
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        if batch["image"].dim() == 5:  # volumes: N×C×Z×H×W
+            for image, reference in zip(batch["image"], batch["semseg_dense"], strict=True):
+                self.val_volumes.update(self.predict_volume(image), reference)
+            return
         output = self(batch["image"])
         target = batch["semseg_dense"]
         self.val_iou.update(output.high.argmax(dim=1), target)
@@ -233,7 +275,37 @@ class SegmentationModule(pl.LightningModule):
             sync_dist=True,
         )
 
+    @torch.no_grad()
+    def predict_volume(self, volume: Tensor, slices_per_batch: int = 16) -> Tensor:
+        """Labels of a C×Z×H×W volume, predicted slice by slice at :attr:`inference_size`.
+
+        Each slice is resized (bilinear) to the inference size, the logits are resized back to
+        the slice's original size (bilinear) and the argmax taken there: the volume is scored at
+        its original size.
+
+        Returns:
+            Z×H×W int64 labels.
+        """
+        slices = volume.transpose(0, 1)  # Z×C×H×W
+        size = tuple(slices.shape[-2:])
+        labels = []
+        for chunk in slices.split(slices_per_batch):
+            x = chunk.float()
+            if self.inference_size is not None and tuple(self.inference_size) != size:
+                x = F.interpolate(x, size=self.inference_size, mode="bilinear", align_corners=False)
+            logits = self(x).high.float()
+            if tuple(logits.shape[-2:]) != size:
+                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+            labels.append(logits.argmax(1))
+        return torch.cat(labels)
+
     def on_validation_epoch_end(self) -> None:
+        if self.val_volumes is not None and self.val_volumes.update_count > 0:
+            scores = self.val_volumes.compute()
+            self.val_volumes.reset()
+            for key, value in scores.items():
+                self.log(f"val/{key}", value, prog_bar=key == "dice")
+            return
         iou = self.val_iou.compute()
         self.val_iou.reset()
         present = ~torch.isnan(iou)

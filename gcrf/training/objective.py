@@ -1,5 +1,5 @@
-"""The terms of the training objective: cross entropy on (weak) labels, the Gated CRF input size
-and schedule.
+"""The terms of the training objective: cross entropy and Dice on (weak) labels, the Gated CRF input
+size and schedule.
 """
 
 from __future__ import annotations
@@ -13,7 +13,12 @@ from torch import Tensor
 
 from gcrf.conventions import IGNORE_INDEX
 
-__all__ = ["cross_entropy_loss", "gated_crf_start_step", "resize_probabilities"]
+__all__ = [
+    "cross_entropy_loss",
+    "dice_loss",
+    "gated_crf_start_step",
+    "resize_probabilities",
+]
 
 
 def cross_entropy_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
@@ -111,3 +116,42 @@ def gated_crf_start_step(use_after_progress_ratio: float, total_steps: int) -> i
         450
     """
     return math.floor(use_after_progress_ratio * total_steps)
+
+
+def dice_loss(logits: Tensor, target: Tensor, smooth: float = 1e-5) -> Tensor:
+    """Soft Dice loss over all classes (background included), the one WSL4MIS adds to CE.
+
+    ``1 − (2 Σ p_c t_c + s) / (Σ p_c² + Σ t_c² + s)`` per class over the labelled pixels of the
+    batch (255 = unlabelled pixels take no part), averaged over the classes; ``p = softmax(logits)``
+    and ``t`` the one-hot target.
+
+    Args:
+        logits: N×C×H×W logits.
+        target: N×H×W int64 labels in [0, C) or 255.
+        smooth: the additive constant ``s``.
+
+    Returns:
+        0-dim float32 tensor in [0, 1].
+
+    Example:
+        >>> logits = torch.tensor([[[[9.0, -9.0]], [[-9.0, 9.0]]]])  # class 0, then class 1
+        >>> round(dice_loss(logits, torch.tensor([[[0, 1]]])).item(), 3)
+        0.0
+        >>> round(dice_loss(logits, torch.tensor([[[1, 0]]])).item(), 3)
+        1.0
+    """
+    if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(
+            "expected logits N×C×H×W and target N×H×W, got logits "
+            f"{tuple(logits.shape)} and target {tuple(target.shape)}"
+        )
+    num_classes = logits.shape[1]
+    probs = torch.softmax(logits.float(), dim=1)
+    labelled = (target != IGNORE_INDEX).unsqueeze(1)
+    one_hot = F.one_hot(torch.where(labelled[:, 0], target, 0), num_classes).movedim(-1, 1)
+    probs = probs * labelled
+    one_hot = one_hot.to(probs.dtype) * labelled
+    dims = (0, 2, 3)
+    intersection = (probs * one_hot).sum(dims)
+    denominator = (probs * probs).sum(dims) + (one_hot * one_hot).sum(dims)
+    return (1 - (2 * intersection + smooth) / (denominator + smooth)).mean()
