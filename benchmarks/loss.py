@@ -9,6 +9,8 @@ Run from the repository root::
 Setting (the published training default): C = 21 classes, radius 5, one kernel
 ``{"weight": 1, "xy": 6, "rgb": 0.1}``, ``mask_src`` given, features at the prediction resolution
 (so the table measures the loss itself, not the area resize of the image, which both do alike).
+Case ``wsl4mis`` is the loss step of WSL4MIS's training: N = 12, C = 4, 256×256 full-resolution
+probabilities, the 1-channel slice as the ``rgb`` modality, no gate.
 
 Honest measurement: every (implementation, case) runs in a fresh subprocess. On CPU the peak is the
 process's peak resident set (VmHWM, reset through /proc/self/clear_refs after the inputs are built)
@@ -47,22 +49,32 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark shape: batch N and prediction size h×w."""
+    """One benchmark shape: batch N, prediction size h×w, classes C, image channels, gates."""
 
     batch: int
     height: int
     width: int
+    classes: int = CLASSES
+    channels: int = 3  #: channels of the image modality ("rgb": 3, an MR slice: 1)
+    gated: bool = True  #: ``mask_src`` given (the published training) or not (WSL4MIS)
+
+    @property
+    def label(self) -> str:
+        gate = "" if self.gated else ", no gate"
+        return f"{self.batch}×{self.height}×{self.width}, C={self.classes}{gate}"
 
 
 CASES: dict[str, Case] = {
     "8x64": Case(8, 64, 64),
     "2x256": Case(2, 256, 256),
     "8x512": Case(8, 512, 512),
+    # The WSL4MIS loss step: UNet probabilities at full resolution, the 1-channel slice in [0, 1].
+    "wsl4mis": Case(12, 256, 256, classes=4, channels=1, gated=False),
 }
 
 
-def _gcrf(backend: str) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    def loss(probs: Tensor, rgb: Tensor, mask: Tensor) -> Tensor:
+def _gcrf(backend: str) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+    def loss(probs: Tensor, rgb: Tensor, mask: Tensor | None) -> Tensor:
         from gcrf.loss import gated_crf_loss
 
         return gated_crf_loss(probs, {"rgb": rgb}, KERNELS, RADIUS, mask_src=mask, backend=backend)
@@ -70,7 +82,7 @@ def _gcrf(backend: str) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     return loss
 
 
-def _unfold(probs: Tensor, rgb: Tensor, mask: Tensor) -> Tensor:
+def _unfold(probs: Tensor, rgb: Tensor, mask: Tensor | None) -> Tensor:
     from benchmarks.unfold_reference import unfold_gated_crf_loss
 
     return unfold_gated_crf_loss(probs, KERNELS, RADIUS, {"rgb": rgb}, mask_src=mask)
@@ -79,7 +91,7 @@ def _unfold(probs: Tensor, rgb: Tensor, mask: Tensor) -> Tensor:
 def _unfold_estimate(case: Case) -> int:
     from benchmarks.unfold_reference import unfold_peak_bytes_estimate
 
-    return unfold_peak_bytes_estimate(case.batch, CLASSES, case.height, case.width, RADIUS)
+    return unfold_peak_bytes_estimate(case.batch, case.classes, case.height, case.width, RADIUS)
 
 
 def _triton_unusable(device: str) -> str | None:
@@ -132,13 +144,17 @@ def _worker(name: str, case_name: str, repeats: int, device: str) -> dict:
     case = CASES[case_name]
     implementation = IMPLEMENTATIONS[name]
     generator = torch.Generator(device=device).manual_seed(0)
-    shape = (case.batch, CLASSES, case.height, case.width)
+    shape = (case.batch, case.classes, case.height, case.width)
     # Probabilities normalised in place: no transient copy that would inflate the baseline.
     probs = torch.rand(shape, generator=generator, device=device).add_(0.05)
     probs.div_(probs.sum(dim=1, keepdim=True))
-    rgb = torch.rand((case.batch, 3, case.height, case.width), generator=generator, device=device)
-    mask = torch.ones((case.batch, 1, case.height, case.width), device=device)
-    mask[:, :, :, -case.width // 8 :] = 0  # padding from augmentation, as in training
+    rgb = torch.rand(
+        (case.batch, case.channels, case.height, case.width), generator=generator, device=device
+    )
+    mask = None
+    if case.gated:
+        mask = torch.ones((case.batch, 1, case.height, case.width), device=device)
+        mask[:, :, :, -case.width // 8 :] = 0  # padding from augmentation, as in training
 
     def step() -> float:
         leaf = probs.detach().requires_grad_(True)
@@ -203,7 +219,7 @@ def _run_one(
 
 def _format_table(rows: list[dict]) -> str:
     lines = [
-        f"| case (N×h×w, C={CLASSES}, r={RADIUS}) | implementation | fwd+bwd | peak extra memory "
+        f"| case (N×h×w, classes, r={RADIUS}) | implementation | fwd+bwd | peak extra memory "
         "| speed-up vs unfold | memory vs unfold |",
         "|---|---|---:|---:|---:|---:|",
     ]
@@ -212,8 +228,7 @@ def _format_table(rows: list[dict]) -> str:
     for row in rows:
         if "unavailable" in row:
             continue
-        case = CASES[row["case"]]
-        label = f"{case.batch}×{case.height}×{case.width}"
+        label = CASES[row["case"]].label
         if "time_s" not in row:
             lines.append(f"| {label} | {row['label']} | {row['skipped']} | | | |")
             continue

@@ -1,10 +1,12 @@
-"""The published Gated CRF loss formulation (Obukhov et al., 2019), re-implemented for benchmarking.
+"""The published Gated CRF loss formulation (Obukhov et al., 2019), written out: the one home of it.
 
-This is the baseline of ``python -m benchmarks.loss``, not part of the library: it materialises the
-N×C×(2r+1)²×h×w unfolded tensors (``F.unfold`` over the window), so its memory grows with the window.
-Same mathematics as the published ``ModelLossSemsegGatedCRF`` (Potts, features zero-padded at the
-border, kernels summed including out-of-image ones, masks multiplied in); the compatibility branch is
-left out.
+The baseline of ``python -m benchmarks.loss`` and the reference of ``tests/test_loss_published.py``,
+not part of the library: it materialises the N×C×(2r+1)²×h×w unfolded tensors (``F.unfold`` over the
+window), so its memory grows with the window. Same mathematics as the published
+``ModelLossSemsegGatedCRF``: features zero-padded at the border, kernels towards out-of-image pixels
+kept in ``Σ K``, masks multiplied in, loss ``(Σ K − Σ K·y_j·y_i) / D`` (Potts) or the intent of its
+broken compatibility branch. Known, deliberate difference of gcrf (README): without ``mask_src`` the
+published value is larger by a y-independent constant; with ``mask_src`` they agree.
 """
 
 from __future__ import annotations
@@ -15,34 +17,44 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["unfold_gated_crf_loss", "unfold_peak_bytes_estimate"]
+__all__ = ["published_gated_crf", "unfold_gated_crf_loss", "unfold_peak_bytes_estimate"]
 
 
-def _unfold(tensor: Tensor, radius: int) -> Tensor:
-    n, c, h, w = tensor.shape
-    diameter = 2 * radius + 1
-    return F.unfold(tensor, diameter, 1, radius).view(n, c, diameter, diameter, h, w)
-
-
-def _mesh(n: int, h: int, w: int, device: torch.device) -> Tensor:
-    x = torch.arange(w, dtype=torch.float32, device=device).view(1, 1, 1, w).expand(n, 1, h, w)
-    y = torch.arange(h, dtype=torch.float32, device=device).view(1, 1, h, 1).expand(n, 1, h, w)
-    return torch.cat((x, y), dim=1)
-
-
-def unfold_gated_crf_loss(
-    probs: Tensor,
+def published_gated_crf(
+    y: Tensor,
     kernels_desc: Sequence[Mapping[str, float]],
     radius: int,
-    sample: Mapping[str, Tensor],
+    sample: Mapping[str, Tensor] | Tensor,
     mask_src: Tensor | None = None,
-) -> Tensor:
-    """Published Gated CRF loss value (Potts), differentiable w.r.t. ``probs``.
+    mask_dst: Tensor | None = None,
+    compatibility: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The published loss and its gated N×1×d×d×h×w kernels, in ``y``'s dtype.
+
+    ``sample`` is a dict of modalities, or — as the copies of the published class in WSL4MIS and
+    its derivatives read it — one tensor used for every modality other than ``"xy"``.
 
     Shape:
-        probs: N×C×h×w; sample[m]: N×D×H×W; mask_src: N×1×H×W. Returns a scalar.
+        y: N×C×h×w; sample[m]: N×D×H×W; masks: N×1×H×W. Returns (scalar, N×1×d×d×h×w).
     """
-    n, c, h, w = probs.shape
+    n, c, h, w = y.shape
+    d = 2 * radius + 1
+
+    def unfold(t: Tensor) -> Tensor:
+        return F.unfold(t, d, 1, radius).view(n, t.shape[1], d, d, h, w)
+
+    def resize_fix_mask(mask: Tensor) -> Tensor:
+        mask = F.adaptive_avg_pool2d(mask.to(y.dtype), (h, w))
+        mask = torch.where(torch.isnan(mask), 0.0, mask)
+        return torch.where(mask < 1.0, 0.0, mask)
+
+    mesh = torch.stack(
+        torch.meshgrid(
+            torch.arange(w, dtype=y.dtype, device=y.device),
+            torch.arange(h, dtype=y.dtype, device=y.device),
+            indexing="xy",
+        )
+    ).expand(n, 2, h, w)
     kernels = None
     for desc in kernels_desc:
         features = []
@@ -50,27 +62,52 @@ def unfold_gated_crf_loss(
             if modality == "weight":
                 continue
             if modality == "xy":
-                feature = _mesh(n, h, w, probs.device)
+                feature = mesh
             else:
-                feature = F.adaptive_avg_pool2d(sample[modality], (h, w))
+                source = sample if isinstance(sample, Tensor) else sample[modality]
+                feature = F.adaptive_avg_pool2d(source.to(y.dtype), (h, w))
             features.append(feature / sigma)
-        unfolded = _unfold(torch.cat(features, dim=1), radius)
-        unfolded = unfolded - unfolded[:, :, radius, radius].unsqueeze(2).unsqueeze(2)
-        kernel = (-0.5 * unfolded**2).sum(dim=1, keepdim=True).exp()
-        kernel[:, :, radius, radius] = 0
-        kernel = desc["weight"] * kernel
-        kernels = kernel if kernels is None else kernels + kernel
-    denominator = torch.tensor(float(n * h * w), device=probs.device)
+        k = unfold(torch.cat(features, dim=1))
+        k = k - k[:, :, radius, radius].view(n, -1, 1, 1, h, w)
+        k = (-0.5 * k**2).sum(dim=1, keepdim=True).exp()
+        k[:, :, radius, radius] = 0
+        k = desc["weight"] * k
+        kernels = k if kernels is None else kernels + k
+    denom = torch.tensor(float(n * h * w), dtype=y.dtype, device=y.device)
     if mask_src is not None:
-        mask = F.adaptive_avg_pool2d(mask_src, (h, w))
-        mask = torch.nan_to_num(mask, nan=0.0)
-        mask = torch.where(mask < 1.0, 0.0, mask)
-        denominator = mask.sum().clamp(min=1)
-        kernels = kernels * _unfold(mask, radius)
-    diameter = 2 * radius + 1
-    product = (kernels * _unfold(probs, radius)).view(n, c, diameter**2, h, w).sum(dim=2)
-    loss = kernels.sum() - (product * probs).sum()
-    return loss / denominator
+        m = resize_fix_mask(mask_src)
+        denom = m.sum().clamp(min=1)
+        kernels = kernels * unfold(m)
+    if mask_dst is not None:
+        m = resize_fix_mask(mask_dst)
+        denom = m.sum().clamp(min=1)
+        kernels = kernels * m.view(n, 1, 1, 1, h, w)
+    product = (kernels * unfold(y)).view(n, c, d * d, h, w).sum(dim=2)
+    if compatibility is None:
+        loss = kernels.sum() - (product * y).sum()
+    else:
+        # The published branch crashes on `compatibility.diag.sum()`; this is its intent.
+        compat = (c - 1) * F.normalize(compatibility.to(y.dtype), p=1, dim=1)
+        y_c = y.permute(1, 0, 2, 3).reshape(c, -1)
+        product_c = product.permute(0, 2, 3, 1).reshape(-1, c)
+        loss = (compat * (y_c @ product_c)).sum()
+    return loss / denom, kernels
+
+
+def unfold_gated_crf_loss(
+    probs: Tensor,
+    kernels_desc: Sequence[Mapping[str, float]],
+    radius: int,
+    sample: Mapping[str, Tensor] | Tensor,
+    mask_src: Tensor | None = None,
+) -> Tensor:
+    """Published Gated CRF loss value (Potts), differentiable w.r.t. ``probs`` (the benchmark's
+    baseline: :func:`published_gated_crf` without the kernels).
+
+    Shape:
+        probs: N×C×h×w; sample[m]: N×D×H×W; mask_src: N×1×H×W. Returns a scalar.
+    """
+    return published_gated_crf(probs, kernels_desc, radius, sample, mask_src)[0]
 
 
 def unfold_peak_bytes_estimate(n: int, c: int, h: int, w: int, radius: int) -> int:

@@ -361,7 +361,7 @@ def _window_affinity_kernel(
     mask_dst_ptr,
     coef_ptr,
     bounds_ptr,
-    out_ptr,  # N × num_offsets × P float32
+    out_ptr,  # N × num_offsets × P, float32 (float64 for float64 features)
     C,  # unused by the math; part of the shared tuning key (always 1 here)
     P,
     D,
@@ -676,7 +676,8 @@ def _window_affinity_op(
         features, kernel_bounds, kernel_weights, kernel_pos_scales, radius, spatial_shape, acc_dtype
     )
     num_offsets = coef.numel() // len(kernel_weights)
-    out = torch.empty((n, num_offsets, *spatial_shape), dtype=torch.float32, device=features.device)
+    # The kernel computes in acc_dtype (float64 for float64 features) and stores in out's dtype.
+    out = torch.empty((n, num_offsets, *spatial_shape), dtype=acc_dtype, device=features.device)
     placeholder = coef
 
     def grid(meta: dict) -> tuple[int, int]:
@@ -708,7 +709,8 @@ def _window_affinity_op(
 def _(features, spatial_shape, kernel_bounds, kernel_weights, kernel_pos_scales, radius,
       mask_src, mask_dst):  # fmt: skip
     num_offsets = (2 * radius + 1) ** len(spatial_shape)
-    return features.new_empty((features.shape[0], num_offsets, *spatial_shape), dtype=torch.float32)
+    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    return features.new_empty((features.shape[0], num_offsets, *spatial_shape), dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -891,7 +893,7 @@ def window_affinity(
         - output: N×(2r+1)^k×S, k the spatial rank
 
     Returns:
-        float32 tensor of gated affinities.
+        float32 tensor of gated affinities (float64 for float64 features, computed in float64).
 
     Example:
         >>> rgb = torch.rand(1, 3, 32, 32, device="cuda") / 0.1

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.layer_sync import LayerSync
 
@@ -131,6 +132,8 @@ class SegmentationRecipe(SegmentationModule):
         loss_cross_entropy_modality: labels for the CE term: ``semseg_dense``, ``semseg_scribbles``
             or ``semseg_clicks``.
         loss_cross_entropy_weight: weight of the CE term.
+        loss_dice_weight: weight of a soft Dice term on the same labels (WSL4MIS's full
+            supervision: CE and Dice weighted 0.5 each); 0 leaves it out.
         loss_cross_entropy_class_weights: weight CE by classes, w_c ∝ 1/ln(1.10 + p_c) from the
             data module's label histogram of the supervising modality (published ``..._sts``).
         loss_gatedcrf: add the Gated CRF term (published ``loss_gatedcrf_sts``).
@@ -157,6 +160,7 @@ class SegmentationRecipe(SegmentationModule):
         loss_cross_entropy_modality: LabelModality = "semseg_dense",
         loss_cross_entropy_weight: float = 1.0,
         loss_cross_entropy_class_weights: bool = False,
+        loss_dice_weight: float = 0.0,
         loss_gatedcrf: bool = False,
         loss_gatedcrf_resolution: int | None = None,
         loss_gatedcrf_radius: int = 5,
@@ -180,6 +184,7 @@ class SegmentationRecipe(SegmentationModule):
             gated_crf=gated_crf,
             cross_entropy_modality=loss_cross_entropy_modality,
             cross_entropy_weight=loss_cross_entropy_weight,
+            dice_weight=loss_dice_weight,
             gated_crf_weight=loss_gatedcrf_weight,
             gated_crf_resolution=loss_gatedcrf_resolution,
             gated_crf_use_after_progress_ratio=loss_gatedcrf_use_after_progress_ratio,
@@ -226,9 +231,19 @@ class RecipeCLI(LightningCLI):
         """The trainer, with :class:`~gcrf.training.TimmSyncBatchNorm` behind ``sync_batchnorm``.
 
         Lightning's default SyncBatchNorm conversion would drop the activation of timm's fused
-        BatchNorm+activation layers under DDP; a LayerSync plugin given by the user is kept.
+        BatchNorm+activation layers under DDP; a LayerSync plugin given by the user is kept. The
+        recipe's default callbacks step aside where a ``--trainer.*`` flag turns their job off
+        (``enable_checkpointing false``: no checkpoint callbacks; ``enable_progress_bar false``:
+        no progress bar), instead of Lightning refusing the combination.
         """
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        defaults = self.trainer_defaults.get("callbacks") or []
+        self.trainer_defaults["callbacks"] = [
+            c
+            for c in defaults
+            if not (isinstance(c, ModelCheckpoint) and config.get("enable_checkpointing") is False)
+            and not (isinstance(c, ProgressBar) and config.get("enable_progress_bar") is False)
+        ]
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if config.get("sync_batchnorm") and not any(isinstance(p, LayerSync) for p in plugins):
@@ -242,6 +257,7 @@ def run_recipe(
     args: list[str] | None = None,
     *,
     run: bool = True,
+    monitor: str = "val/mIoU",
 ) -> RecipeCLI:
     """Parse the command line of a recipe and train.
 
@@ -250,6 +266,7 @@ def run_recipe(
         defaults: the recipe's defaults, as dotted argument names (``"model.loss_gatedcrf": True``).
         args: the arguments (default: ``sys.argv[1:]``).
         run: train after parsing (``False`` only builds; tests use it).
+        monitor: the validation metric of the best checkpoint (``"val/dice"`` for volumes).
 
     Returns:
         The CLI object (``.model``, ``.datamodule``, ``.trainer``).
@@ -261,7 +278,7 @@ def run_recipe(
         recipe_defaults=defaults,
         trainer_defaults={
             **TRAINER_DEFAULTS,
-            "callbacks": default_callbacks(),
+            "callbacks": default_callbacks(monitor=monitor),
             "enable_progress_bar": sys.stdout.isatty(),
         },
         seed_everything_default=0,
@@ -277,12 +294,13 @@ def run_recipe(
 def recipe_main(
     datamodule_class: type[LightningDataModule] | Callable[..., LightningDataModule],
     defaults: Mapping[str, Any],
+    monitor: str = "val/mIoU",
 ) -> Callable[..., RecipeCLI]:
     """The ``main(args=None, run=True)`` entry of a recipe module: :func:`run_recipe` bound to its
-    data module and defaults."""
+    data module, defaults and monitored metric."""
 
     def main(args: list[str] | None = None, run: bool = True) -> RecipeCLI:
         """Parse ``args`` (default: the command line) and train (``run=False``: only build)."""
-        return run_recipe(datamodule_class, defaults, args, run=run)
+        return run_recipe(datamodule_class, defaults, args, run=run, monitor=monitor)
 
     return main

@@ -291,6 +291,10 @@ def test_cli_writes_deterministic_verified_files(tree, capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0 and "--placement" in capsys.readouterr().out
+    # jsonargparse: a bad choice is refused with the argument's name.
+    with pytest.raises(SystemExit):
+        main(["--root", str(root), "--placement", "middle"])
+    assert "placement" in capsys.readouterr().err
 
 
 def test_random_placement_files_depend_on_seed_not_on_order(tree) -> None:
@@ -298,8 +302,8 @@ def test_random_placement_files_depend_on_seed_not_on_order(tree) -> None:
     out = root / "random"
 
     def run(seed: int, output: str, splits: list[str]) -> None:
-        main(["--root", str(root), "--output", output, "--split", *splits, "--seed", str(seed),
-              "--placement", "random", "--workers", "0"])  # fmt: skip
+        main(["--root", str(root), "--output", output, "--splits", f"[{', '.join(splits)}]",
+              "--seed", str(seed), "--placement", "random", "--workers", "0"])  # fmt: skip
 
     run(0, f"{out}/s0_{{split}}.json", ["train", "val"])
     run(0, f"{out}/again_{{split}}.json", ["val"])
@@ -397,7 +401,9 @@ def test_missing_click_file_gives_the_command(tree) -> None:
     root, _ = tree
     with pytest.raises(FileNotFoundError) as info:
         _module(root).setup("fit")
-    assert f"python -m gcrf.data.cityscapes_clicks --root {root} --split train" in str(info.value)
+    assert f"python -m gcrf.data.cityscapes_clicks --root {root} --splits [train]" in str(
+        info.value
+    )
     # A sidecar is required too.
     generate_clicks(root, workers=0)
     click_sidecar_path(root / "gcrf_clicks_val.json").unlink()

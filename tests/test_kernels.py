@@ -360,6 +360,24 @@ def test_window_affinity_matches_reference(spatial, radius):
     assert torch.all(out[:, ((2 * radius + 1) ** rank) // 2] == 0)  # the centre offset
 
 
+def test_window_affinity_of_float64_features_is_float64():
+    """float64 in, float64 out, computed in float64 (it used to come back as float32)."""
+    inputs = make_inputs(n=1, spatial=(5, 7), masks="src", seed=3)
+    window = {
+        "kernel_slices": [(0, 3)],
+        "kernel_weights": [1.0],
+        "kernel_pos_scales": [(0.2, 0.2)],
+        "radius": 1,
+    }
+    features = inputs["features"].double()
+    out = window_affinity(features, mask_src=inputs["mask_src"], **window)
+    assert out.dtype == torch.float64
+    expected = reference_window_affinity(
+        features, mask_src=inputs["mask_src"], mask_dst=None, **window
+    )
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-12, atol=1e-14)
+
+
 def test_window_affinity_sums_to_the_potts_weight_term():
     # With y = 0, φ = 1 for every pair, so S = Σ_ij G_ij K_ij: the sum of the affinity map.
     inputs = make_inputs(c=2, masks="dst", seed=17)

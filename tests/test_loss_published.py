@@ -1,84 +1,21 @@
 """Equivalence with the published Gated CRF loss (Obukhov et al., 2019) and the drop-in class.
 
-``published_gated_crf`` below is the published unfold formulation, written out: features padded
-with zeros, kernels towards out-of-image pixels kept in ``Σ K``, masks multiplied in, loss
-``(Σ K − Σ K·y_j·y_i) / D``. Known, deliberate difference (README): without ``mask_src`` its value
-is larger by a y-independent constant; with ``mask_src`` they agree.
+``published_gated_crf`` is the published unfold formulation, written out once in
+``benchmarks/unfold_reference.py`` (also the benchmark's baseline). Known, deliberate difference
+(README): without ``mask_src`` its value is larger by a y-independent constant; with ``mask_src``
+they agree.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.unfold_reference import published_gated_crf
 from gcrf.loss import GatedCRFLoss, ModelLossSemsegGatedCRF, gated_crf_loss
 
 KERNELS = [{"weight": 1, "xy": 6, "rgb": 0.1}]  # the published training default
-
-
-def published_gated_crf(
-    y: torch.Tensor,
-    kernels_desc: list,
-    radius: int,
-    sample: dict,
-    mask_src: torch.Tensor | None = None,
-    mask_dst: torch.Tensor | None = None,
-    compatibility: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The published loss (and its gated N×1×d×d×h×w kernels) in y's dtype."""
-    n, c, h, w = y.shape
-    d = 2 * radius + 1
-
-    def unfold(t: torch.Tensor) -> torch.Tensor:
-        return F.unfold(t, d, 1, radius).view(n, t.shape[1], d, d, h, w)
-
-    def resize_fix_mask(mask: torch.Tensor) -> torch.Tensor:
-        mask = F.adaptive_avg_pool2d(mask.to(y.dtype), (h, w))
-        mask = torch.where(torch.isnan(mask), 0.0, mask)
-        return torch.where(mask < 1.0, 0.0, mask)
-
-    mesh = torch.stack(
-        torch.meshgrid(
-            torch.arange(w, dtype=y.dtype), torch.arange(h, dtype=y.dtype), indexing="xy"
-        )
-    ).expand(n, 2, h, w)
-    kernels = None
-    for desc in kernels_desc:
-        features = []
-        for modality, sigma in desc.items():
-            if modality == "weight":
-                continue
-            if modality == "xy":
-                feature = mesh
-            else:
-                feature = F.adaptive_avg_pool2d(sample[modality].to(y.dtype), (h, w))
-            features.append(feature / sigma)
-        features = torch.cat(features, dim=1)
-        k = unfold(features)
-        k = k - k[:, :, radius, radius].view(n, -1, 1, 1, h, w)
-        k = (-0.5 * k**2).sum(dim=1, keepdim=True).exp()
-        k[:, :, radius, radius] = 0
-        k = desc["weight"] * k
-        kernels = k if kernels is None else kernels + k
-    denom = torch.tensor(float(n * h * w), dtype=y.dtype)
-    if mask_src is not None:
-        m = resize_fix_mask(mask_src)
-        denom = m.sum().clamp(min=1)
-        kernels = kernels * unfold(m)
-    if mask_dst is not None:
-        m = resize_fix_mask(mask_dst)
-        denom = m.sum().clamp(min=1)
-        kernels = kernels * m.view(n, 1, 1, 1, h, w)
-    product = (kernels * unfold(y)).view(n, c, d * d, h, w).sum(dim=2)
-    if compatibility is None:
-        loss = kernels.sum() - (product * y).sum()
-    else:
-        # The published branch crashes on `compatibility.diag.sum()`; this is its intent.
-        compat = (c - 1) * F.normalize(compatibility.to(y.dtype), p=1, dim=1)
-        y_c = y.permute(1, 0, 2, 3).reshape(c, -1)
-        product_c = product.permute(0, 2, 3, 1).reshape(-1, c)
-        loss = (compat * (y_c @ product_c)).sum()
-    return loss / denom, kernels
 
 
 def _setup(seed: int = 0, n: int = 2, c: int = 4, h: int = 12, w: int = 10, ratio: int = 4):
@@ -200,3 +137,36 @@ def test_drop_in_equals_module() -> None:
     a = module(y, {"rgb": rgb}, mask_src=valid)
     b = ModelLossSemsegGatedCRF()(y, KERNELS, 3, {"rgb": rgb}, 48, 40, mask_src=valid)["loss"]
     assert torch.equal(a, b)
+
+
+def test_wsl4mis_call_with_the_image_tensor_as_sample() -> None:
+    """WSL4MIS and its derivatives call their copy of the class with the 1-channel image batch as
+    ``sample``, at full resolution, without gates; the drop-in gives that call its meaning."""
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(3, 1, 20, 18, generator=g, dtype=torch.float64)  # [0, 1] intensities
+    logits = torch.randn(3, 4, 20, 18, generator=g, dtype=torch.float64, requires_grad=True)
+    outputs_soft = torch.softmax(logits, dim=1)
+    before = image.clone()
+    kernels = [{"weight": 1, "xy": 6, "rgb": 0.1}]
+    out = ModelLossSemsegGatedCRF()(outputs_soft, kernels, 5, image, 20, 18)["loss"]
+    # Published formula on the tensor; without mask_src it carries the published constant
+    # Σ K towards out-of-image pixels (README), so compare gradients, and values up to that term.
+    expected, _ = published_gated_crf(outputs_soft, kernels, 5, image)
+    (grad,) = torch.autograd.grad(out, logits, retain_graph=True)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12)
+    assert torch.equal(image, before)
+    # With the image's validity as mask_src the values agree too.
+    valid = torch.ones(3, 1, 20, 18, dtype=torch.float64)
+    gated = ModelLossSemsegGatedCRF()(outputs_soft, kernels, 5, image, 20, 18, mask_src=valid)
+    expected_gated, _ = published_gated_crf(outputs_soft, kernels, 5, image, mask_src=valid)
+    torch.testing.assert_close(gated["loss"], expected_gated, rtol=1e-10, atol=1e-12)
+    # The tensor stands for every non-position modality: the same as passing it by name.
+    by_name = ModelLossSemsegGatedCRF()(outputs_soft, kernels, 5, {"rgb": image}, 20, 18)
+    assert torch.equal(out, by_name["loss"])
+
+
+def test_sample_of_another_type_is_rejected() -> None:
+    y = torch.softmax(torch.randn(1, 2, 4, 4), 1)
+    with pytest.raises(TypeError, match="sample must be a dict of modalities or an N×D×H×W tensor"):
+        ModelLossSemsegGatedCRF()(y, KERNELS, 1, [torch.rand(1, 1, 4, 4)], 4, 4)

@@ -9,16 +9,16 @@ import copy
 import socket
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-timm = pytest.importorskip("timm")
-
-from gcrf.models import (  # noqa: E402
+from gcrf.models import (
     DeepLabV3Plus,
     PretrainedWeightsError,
     SegmentationOutput,
+    UNet,
     convert_sync_batchnorm,
     create_model,
     freeze_batchnorm,
@@ -379,3 +379,69 @@ def test_convert_sync_batchnorm() -> None:
     converted.train()
     assert not converted.encoder.bn1.training  # frozen layers stay frozen after conversion
     assert converted.decoder.skip[1].training
+
+
+# ------------------------------------------------------------------------------------ UNet
+@pytest.mark.parametrize(("encoder", "in_channels"), [("resnet18", 1), ("convnext_atto", 3)])
+def test_unet_shapes_odd_input_and_typed_output(encoder: str, in_channels: int) -> None:
+    model = UNet(encoder, num_classes=NUM_CLASSES, in_channels=in_channels).eval()
+    out = model(torch.randn(2, in_channels, 65, 97))
+    assert isinstance(out, SegmentationOutput)
+    assert out.high.shape == (2, NUM_CLASSES, 65, 97) and out.low is out.high
+    # the decoder reaches the input size: one block per level plus ×2 steps below the first
+    reductions = timm.create_model(encoder, features_only=True).feature_info.reduction()
+    assert len(model.decoder) == len(reductions) - 1 + int(reductions[0]).bit_length() - 1
+
+
+def test_unet_gradient_reaches_encoder_and_outputs_depend_on_every_skip() -> None:
+    model = UNet("resnet10t", num_classes=3, in_channels=1, decoder_channels=[32, 16, 16, 8, 8, 8])
+    x = torch.randn(2, 1, 64, 64)
+    model(x).high.square().mean().backward()
+    first = model.encoder.conv1[0].weight
+    assert first.shape[1] == 1 and first.grad is not None and first.grad.abs().sum() > 0
+    # The full-resolution output changes most where one input pixel changes: the skips carry
+    # detail (the deepest level sees the whole 64×64 image, so far pixels move a little too).
+    model.eval()
+    y = x.clone()
+    y[0, 0, 10, 10] += 5.0
+    difference = (model(y).high - model(x).high).abs()[0].sum(0)
+    assert difference[10, 10] > 10 * difference[50:, 50:].max()
+
+
+def test_unet_registry_in_channels_and_bad_arguments() -> None:
+    assert {"unet", "unet_resnet18", "unet_resnet34"} <= set(list_models())
+    model = create_model("unet_resnet18", num_classes=4, in_channels=1)
+    assert isinstance(model, UNet) and model.encoder_name == "resnet18"
+    with pytest.raises(TypeError, match="fixes encoder='resnet18'"):
+        create_model("unet_resnet18", encoder="resnet34")
+    with pytest.raises(ValueError, match="decoder_channels must give 5"):
+        UNet("resnet18", decoder_channels=[16, 16])
+    with pytest.raises(ValueError, match="encoder_kwargs must not set 'in_chans'"):
+        UNet("resnet18", encoder_kwargs={"in_chans": 1})
+    with pytest.raises(ValueError, match="x must be N×1×H×W"):
+        UNet("resnet18", in_channels=1)(torch.randn(1, 3, 32, 32))
+
+
+def test_unet_whole_model_weight_file_round_trip(tmp_path) -> None:
+    source = UNet("resnet10t", num_classes=NUM_CLASSES, in_channels=1).eval()
+    path = tmp_path / "unet.pt"
+    torch.save(source.state_dict(), path)
+    torch.manual_seed(7)
+    loaded = UNet("resnet10t", num_classes=NUM_CLASSES, in_channels=1, pretrained=path).eval()
+    x = torch.randn(1, 1, 40, 36)
+    torch.testing.assert_close(loaded(x).high, source(x).high, rtol=0, atol=0)
+
+
+def test_one_channel_timm_weights_are_adapted_as_timm_does(tmp_path) -> None:
+    """A 3-channel timm classification state dict loads into a 1-channel model: timm sums the
+    first convolution over the input channels."""
+    classifier = timm.create_model("resnet10t", pretrained=False)
+    path = tmp_path / "resnet10t.pt"
+    torch.save(classifier.state_dict(), path)
+    for model in (
+        UNet("resnet10t", num_classes=2, in_channels=1, pretrained=path),
+        DeepLabV3Plus("resnet10t", num_classes=2, in_channels=1, pretrained=path),
+    ):
+        first = model.encoder.conv1[0].weight
+        expected = classifier.conv1[0].weight.sum(dim=1, keepdim=True)
+        torch.testing.assert_close(first, expected)

@@ -159,6 +159,48 @@ def test_synthetic_recipe_trains(tmp_path, gated_crf) -> None:
     assert list(tmp_path.rglob("last.ckpt")), "no checkpoint written"
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--trainer.logger=false"],
+        ["--trainer.enable_checkpointing=false"],
+        ["--trainer.enable_progress_bar=false"],
+        ["--trainer.enable_progress_bar=true"],
+        ["--trainer.logger=false", "--trainer.enable_checkpointing=false"],
+        ["--trainer.fast_dev_run=true"],
+        ["--trainer.precision=bf16-mixed"],
+        [
+            "--trainer.max_steps=-1",
+            "--trainer.max_epochs=1",
+            "--trainer.val_check_interval=1.0",
+            "--trainer.check_val_every_n_epoch=1",
+        ],
+    ],
+    ids=lambda flags: " ".join(f.removeprefix("--trainer.") for f in flags),
+)
+def test_documented_trainer_flags_run(tmp_path, flags) -> None:
+    """Lightning refuses some combinations with the recipes' default callbacks (a learning-rate
+    monitor without a logger, checkpoints with checkpointing off): the recipes must not."""
+    cli = synthetic.main(
+        [
+            "--data.image_size=32",
+            "--data.train_length=4",
+            "--data.val_length=2",
+            "--data.batch_size=2",
+            "--data.batch_size_validation=2",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            "--trainer.num_sanity_val_steps=0",
+            f"--trainer.default_root_dir={tmp_path}",
+            *flags,
+        ]
+    )
+    assert cli.trainer.global_step >= 1
+    assert "val/mIoU" in cli.trainer.callback_metrics
+    if "--trainer.enable_checkpointing=false" in flags:
+        assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_gap_closed() -> None:
     from recipes.demo import gap_closed
 

@@ -254,8 +254,8 @@ def _generate_command(root: str | Path, clicks_file: str | None, split: str) -> 
     if clicks_file is not None and clicks_file != default_clicks_file(root):
         command += f" --output {clicks_file}"
     # One file without ``{split}`` serves both splits, so it must be generated for both.
-    splits = split if clicks_file is None or "{split}" in clicks_file else " ".join(SPLITS)
-    return command + f" --split {splits}"
+    splits = split if clicks_file is None or "{split}" in clicks_file else ", ".join(SPLITS)
+    return command + f" --splits [{splits}]"
 
 
 def load_cityscapes_clicks(

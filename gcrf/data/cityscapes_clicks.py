@@ -3,7 +3,8 @@
 Run once after placing Cityscapes (see :mod:`gcrf.data.cityscapes`)::
 
     python -m gcrf.data.cityscapes_clicks --root data/cityscapes            # train and val
-    python -m gcrf.data.cityscapes_clicks --root data/cityscapes --split val --placement random --seed 3
+    python -m gcrf.data.cityscapes_clicks --root data/cityscapes --splits [val] --placement random --seed 3
+    python -m gcrf.data.cityscapes_clicks --help     # every argument (jsonargparse, like every command)
 
 **The rule** (applied to every ``*_gtFine_instanceIds.png``; a value ``v >= 1000`` is object
 ``v % 1000`` of label id ``v // 1000``, a value ``v < 1000`` is the label id ``v`` of a region
@@ -39,7 +40,6 @@ clicks of all requested splits. Two runs with the same arguments write identical
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import json
@@ -48,7 +48,7 @@ import multiprocessing
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from scipy import ndimage
@@ -213,16 +213,20 @@ def _encode(content: dict[str, list[dict]]) -> bytes:
 
 
 def generate_clicks(
-    root: str | Path,
+    root: str,
     output: str | None = None,
-    splits: Sequence[str] = SPLITS,
+    splits: list[Literal["train", "val"]] | tuple[str, ...] = SPLITS,
     seed: int = 0,
-    placement: str = "center",
-    connectivity: int = 8,
+    placement: Literal["center", "random"] = "center",
+    connectivity: Literal[4, 8] = 8,
     min_area: int = DEFAULT_MIN_AREA,
     workers: int | None = None,
 ) -> list[Path]:
     """Generate the click files of Cityscapes splits and their ``.meta.json`` sidecars.
+
+    The command line ``python -m gcrf.data.cityscapes_clicks`` is this function's signature
+    (jsonargparse): ``--root``, ``--output``, ``--splits [train, val]``, ``--seed``,
+    ``--placement``, ``--connectivity``, ``--min_area``, ``--workers``.
 
     Args:
         root: the Cityscapes root.
@@ -303,61 +307,6 @@ def generate_clicks(
     return written
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m gcrf.data.cityscapes_clicks",
-        description=(
-            "Generate synthetic clicks for Cityscapes from the gtFine instance masks: one per thing "
-            "instance, one per connected component of stuff regions. Writes JSON "
-            "{image_name: [{x, y, cls}]} (cls = train id) and a .meta.json sidecar with the sha256."
-        ),
-    )
-    parser.add_argument(
-        "--root", required=True, help="Cityscapes root (holding leftImg8bit/ and gtFine/)"
-    )
-    parser.add_argument(
-        "--output",
-        default=None,
-        help="output path template; {split} → one file per split; .gz → compressed "
-        "(default: <root>/gcrf_clicks_{split}.json)",
-    )
-    parser.add_argument(
-        "--split",
-        nargs="+",
-        choices=SPLITS,
-        default=list(SPLITS),
-        help="splits to generate (default: train val)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of random placement (default: 0)")
-    parser.add_argument(
-        "--placement",
-        choices=PLACEMENTS,
-        default="center",
-        help="center: farthest pixel from the boundary; random: uniform in the region (default: center)",
-    )
-    parser.add_argument(
-        "--connectivity",
-        type=int,
-        choices=CONNECTIVITIES,
-        default=8,
-        help="pixel connectivity of stuff components (default: 8)",
-    )
-    parser.add_argument(
-        "--min_area",
-        "--min-area",
-        type=int,
-        default=DEFAULT_MIN_AREA,
-        help=f"stuff components with fewer pixels get no click (0: keep all; default: {DEFAULT_MIN_AREA})",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="processes over images (0/1: in this process; default: one per CPU, up to 8)",
-    )
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry: ``python -m gcrf.data.cityscapes_clicks --help``.
 
@@ -368,21 +317,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit status (0).
 
     Example:
-        >>> # main(["--root", "data/cityscapes", "--split", "val"])
+        >>> # main(["--root", "data/cityscapes", "--splits", "[val]"])
     """
-    args = _parser().parse_args(argv)
+    from jsonargparse import CLI
+
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    generate_clicks(
-        args.root,
-        output=args.output,
-        splits=args.split,
-        seed=args.seed,
-        placement=args.placement,
-        connectivity=args.connectivity,
-        min_area=args.min_area,
-        workers=args.workers,
-    )
+    CLI(generate_clicks, args=list(argv) if argv is not None else None, as_positional=False)
     return 0
 
 

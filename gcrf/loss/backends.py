@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import warnings
 from collections.abc import Callable
 from types import ModuleType
 from typing import NamedTuple
@@ -28,11 +29,26 @@ from gcrf.loss import torch_backend
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "BackendStatus", "available_backends", "choose_backend", "get_backend"]
+__all__ = [
+    "BACKENDS",
+    "BackendStatus",
+    "available_backends",
+    "check_backend_name",
+    "choose_backend",
+    "get_backend",
+]
 
 #: Backend names in order of preference for ``backend="auto"``.
 BACKENDS: tuple[str, ...] = ("triton", "torch")
 _TORCH_RANKS: tuple[int, ...] = (2, 3)
+
+
+def check_backend_name(backend: object) -> str:
+    """``backend`` if it names a backend choice (``"auto"``, ``"triton"``, ``"torch"``), else
+    ``ValueError`` showing what was received."""
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be one of 'auto', 'triton', 'torch'; got {backend!r}")
+    return str(backend)
 
 
 class BackendStatus(NamedTuple):
@@ -137,8 +153,7 @@ def choose_backend(backend: str, probs: Tensor, spatial_rank: int) -> str:
         >>> choose_backend("auto", torch.rand(1, 2, 4, 4), 2)
         'torch'
     """
-    if backend not in ("auto", *BACKENDS):
-        raise ValueError(f"backend must be one of 'auto', 'triton', 'torch'; got {backend!r}")
+    check_backend_name(backend)
     if backend == "auto":
         # "auto" only picks Triton for CUDA tensors: the interpreter is far too slow for real work.
         if not probs.is_cuda:
@@ -148,6 +163,9 @@ def choose_backend(backend: str, probs: Tensor, spatial_rank: int) -> str:
         if status.usable:
             return "triton"
         _debug("backend 'auto': using 'torch' (triton unusable: %s)", status.reason)
+        if status.reason.startswith("cannot import") and not torch.compiler.is_compiling():
+            # A broken or too old Triton on a CUDA machine: say so once, loudly, not only in debug.
+            _warn_once(f"backend 'auto' falls back to 'torch' on CUDA: {status.reason}")
         return "torch"
     status = (
         _triton_status(probs, spatial_rank) if backend == "triton" else _torch_status(spatial_rank)
@@ -155,6 +173,15 @@ def choose_backend(backend: str, probs: Tensor, spatial_rank: int) -> str:
     if not status.usable:
         raise ValueError(f"backend={backend!r} cannot run: {status.reason}")
     return backend
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def preload_backends() -> None:

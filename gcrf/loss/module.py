@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor, nn
 
 from gcrf.loss.affinity import gaussian_affinity, kernels_vis
-from gcrf.loss.backends import BACKENDS, preload_backends
+from gcrf.loss.backends import check_backend_name, preload_backends
 from gcrf.loss.functional import (
     Downsampler,
     KernelDescriptor,
@@ -74,9 +74,7 @@ class GatedCRFLoss(nn.Module):
         )
         self.downsamplers = validate_downsamplers(downsamplers)
         self.spacing = validate_spacing(spacing)
-        if backend not in ("auto", *BACKENDS):
-            raise ValueError(f"backend must be one of 'auto', 'triton', 'torch'; got {backend!r}")
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         if backend != "torch":
             preload_backends()
 

@@ -21,6 +21,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from gcrf.loss.affinity import affinity_from_prepared, kernels_vis
+from gcrf.loss.backends import check_backend_name
 from gcrf.loss.functional import (
     Downsampler,
     KernelDescriptor,
@@ -54,14 +55,14 @@ class ModelLossSemsegGatedCRF(nn.Module):
 
     def __init__(self, backend: str = "auto") -> None:
         super().__init__()
-        self.backend = backend
+        self.backend = check_backend_name(backend)
 
     def forward(
         self,
         y_hat_softmax: Tensor,
         kernels_desc: Sequence[KernelDescriptor],
         kernels_radius: int,
-        sample: Mapping[str, Any],
+        sample: Mapping[str, Any] | Tensor,
         height_input: int,
         width_input: int,
         mask_src: Tensor | None = None,
@@ -77,7 +78,11 @@ class ModelLossSemsegGatedCRF(nn.Module):
             kernels_desc: kernel descriptors, e.g. ``[{"weight": 1, "xy": 6, "rgb": 0.1}]``.
             kernels_radius: window radius.
             sample: dict holding (at least) the modalities named in ``kernels_desc``, e.g. the
-                training batch; other keys are ignored.
+                training batch; other keys are ignored. Or a tensor (N×D×H×W), as the copies of
+                this class in WSL4MIS and the repositories derived from it pass the image batch
+                itself: every modality other than ``"xy"`` then reads that tensor (so
+                ``{"xy": 6, "rgb": 0.1}`` is a kernel over position and the image's intensities,
+                in the units of the tensor, e.g. [0, 1] MR intensities).
             height_input, width_input: image size, an integer multiple of h×w (same factor).
             mask_src, mask_dst: optional N×1×H×W gates.
             compatibility: optional C×C class compatibility μ.
@@ -108,8 +113,14 @@ class ModelLossSemsegGatedCRF(nn.Module):
                     f"multiple of the prediction size {height_pred}×{width_pred} with the same "
                     "aspect ratio"
                 )
-        if not isinstance(sample, Mapping):
-            raise TypeError(f"sample must be a dict of modalities; got {type(sample).__name__}")
+        if isinstance(sample, Tensor):
+            # The medical copies of this class read the tensor for every non-position modality.
+            sample = {name: sample for kernel in kernels for name, _ in kernel.modalities}
+        elif not isinstance(sample, Mapping):
+            raise TypeError(
+                f"sample must be a dict of modalities or an N×D×H×W tensor; got "
+                f"{type(sample).__name__}"
+            )
         prepared = prepare_inputs(
             y_hat_softmax,
             sample,

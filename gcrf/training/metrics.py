@@ -26,15 +26,19 @@ __all__ = ["VolumeScores", "score_volume"]
 
 
 def _hd95(prediction: Tensor, reference: Tensor, spacing: Sequence[float] | None) -> float:
+    import warnings
+
     from monai.metrics import compute_hausdorff_distance
 
-    value = compute_hausdorff_distance(
-        prediction[None, None].float(),
-        reference[None, None].float(),
-        include_background=True,
-        percentile=95,
-        spacing=list(spacing) if spacing is not None else None,
-    )
+    with warnings.catch_warnings():  # MONAI's own deprecation notices about its internals
+        warnings.simplefilter("ignore", FutureWarning)
+        value = compute_hausdorff_distance(
+            prediction[None, None].float(),
+            reference[None, None].float(),
+            include_background=True,
+            percentile=95,
+            spacing=list(spacing) if spacing is not None else None,
+        )
     return float(value.reshape(-1)[0])
 
 
@@ -69,6 +73,12 @@ def score_volume(
             f"{tuple(reference.shape)}"
         )
     prediction, reference = prediction.long().cpu(), reference.long().cpu()
+    for name, labels in (("prediction", prediction), ("reference", reference)):
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(
+                f"{name} labels must be in [0, {num_classes}), got [{int(labels.min())}, "
+                f"{int(labels.max())}]"
+            )
     dice = dice_score(
         prediction[None],
         reference[None],

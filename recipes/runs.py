@@ -1,0 +1,108 @@
+"""Several recipe runs side by side, one process each: what the comparison recipes are made of.
+
+A run is a recipe module and its command line (``RunSpec``), so a comparison assembles its runs the
+one way every recipe does (LightningCLI: the whole configuration in ``config.yaml``, checkpoints
+and TensorBoard hyperparameters) and only chooses the flags. :func:`run_side_by_side` trains them in
+worker processes (spawned, one torch thread each by default) and returns the final validation
+metrics of each.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["RunResult", "RunSpec", "gap_closed", "run_side_by_side"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: a name, what it is, the recipe module and its arguments."""
+
+    name: str
+    description: str
+    recipe: str  #: module path, e.g. ``"recipes.acdc_scribbles"``
+    args: tuple[str, ...] = ()
+
+
+@dataclass
+class RunResult:
+    """The outcome of one run: its final validation metrics and where its files are."""
+
+    name: str
+    description: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    steps: int = 0
+    log_dir: str = ""
+
+
+def gap_closed(full: float, weak: float, weak_with_loss: float) -> float:
+    """Share of the weak→full gap closed by the run with the loss (1.0 = all of it).
+
+    Example:
+        >>> gap_closed(0.8, 0.6, 0.7)
+        0.5
+    """
+    gap = full - weak
+    return float("nan") if gap <= 0 else (weak_with_loss - weak) / gap
+
+
+def _quiet() -> None:
+    """The comparison's own table is the output; keep Lightning's advice out of the way."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", module="monai")
+
+
+def _run(spec: RunSpec, threads: int) -> RunResult:
+    torch.set_num_threads(threads)
+    _quiet()
+    main = importlib.import_module(spec.recipe).main
+    start = time.monotonic()
+    cli = main(list(spec.args))
+    seconds = time.monotonic() - start
+    metrics = {
+        key: float(value)
+        for key, value in cli.trainer.callback_metrics.items()
+        if key.startswith("val/") and value.numel() == 1
+    }
+    logger = cli.trainer.logger
+    log_dir = getattr(logger, "log_dir", None) or cli.trainer.default_root_dir
+    return RunResult(
+        spec.name, spec.description, metrics, seconds, int(cli.trainer.global_step), str(log_dir)
+    )
+
+
+def run_side_by_side(
+    specs: Sequence[RunSpec], workers: int | None = None, threads: int | None = None
+) -> list[RunResult]:
+    """Train the runs, ``workers`` at a time in spawned processes (1: in turn, in this process).
+
+    Args:
+        specs: the runs.
+        workers: processes (default: one per run, at most one per CPU core... rounded up so that
+            every core is busy: ``min(len(specs), cpu_count + 1)``).
+        threads: torch threads per run (default: the cores shared out, at least 1).
+
+    Returns:
+        One :class:`RunResult` per run, in the order of ``specs``.
+    """
+    cores = os.cpu_count() or 1
+    workers = workers if workers is not None else min(len(specs), cores + 1)
+    threads = threads if threads is not None else max(1, cores // max(1, workers))
+    if workers <= 1:
+        return [_run(spec, threads) for spec in specs]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = [pool.submit(_run, spec, threads) for spec in specs]
+        return [future.result() for future in futures]

@@ -1,0 +1,391 @@
+"""ACDC in the WSL4MIS layout on tiny fake HDF5 trees: folds, samples, augmentation, volumes,
+metrics, download and verification, errors, and the recipes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from gcrf.conventions import IGNORE_INDEX
+from gcrf.data.acdc import (
+    ACDCDataModule,
+    ACDCSliceDataset,
+    ACDCVolumeDataset,
+    acdc_fold,
+    download_acdc,
+    read_manifest,
+    verify_acdc,
+)
+from gcrf.data.transforms import AugmentationConfig, RandomRotateFlipResize, SampleTransform
+from gcrf.training.metrics import VolumeScores, score_volume
+
+# Two frames per patient, 2–3 slices each, odd in-plane sizes that differ between patients.
+PATIENTS = (1, 2, 21, 22, 41, 61, 81, 100)
+
+
+def _volume(rng: np.random.Generator, depth: int, height: int, width: int) -> dict:
+    image = rng.random((depth, height, width), dtype=np.float32)
+    label = np.zeros((depth, height, width), np.uint8)
+    cy, cx = height // 2, width // 2
+    label[:, cy - 4 : cy + 4, cx - 4 : cx + 4] = 2  # myocardium ring around the LV
+    label[:, cy - 2 : cy + 2, cx - 2 : cx + 2] = 3
+    label[:, cy - 4 : cy + 4, cx - 9 : cx - 5] = 1  # RV beside it
+    scribble = np.full(label.shape, 4, np.uint16)  # 4 = unlabelled, as in the WSL4MIS files
+    scribble[:, cy, cx - 8 : cx + 3] = label[:, cy, cx - 8 : cx + 3]
+    scribble[:, 1, 1:6] = 0
+    return {"image": image, "label": label, "scribble": scribble}
+
+
+def make_tree(root: Path, seed: int = 0) -> dict[str, int]:
+    """Write the fake tree; returns the number of slices per patient id."""
+    rng = np.random.default_rng(seed)
+    (root / "ACDC_training_slices").mkdir(parents=True)
+    (root / "ACDC_training_volumes").mkdir(parents=True)
+    slices = {}
+    for k, patient in enumerate(PATIENTS):
+        name = f"patient{patient:03d}"
+        slices[name] = 0
+        for frame in (1, 12):
+            depth, height, width = 2 + k % 2, 27 + k, 23 + 2 * k
+            volume = _volume(rng, depth, height, width)
+            with h5py.File(
+                root / "ACDC_training_volumes" / f"{name}_frame{frame:02d}.h5", "w"
+            ) as f:
+                for key, value in volume.items():
+                    f.create_dataset(key, data=value, compression="gzip")
+            for z in range(depth):
+                path = root / "ACDC_training_slices" / f"{name}_frame{frame:02d}_slice_{z}.h5"
+                with h5py.File(path, "w") as f:
+                    for key, value in volume.items():
+                        f.create_dataset(key, data=value[z], compression="gzip")
+                slices[name] += 1
+    return slices
+
+
+def write_manifest(root: Path, path: Path, url: str) -> dict:
+    files = {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*.h5"))
+    }
+    manifest = {"repository": "fake/WSL4MIS", "commit": "c0ffee", "url": url, "files": files}
+    path.write_text(json.dumps(manifest))
+    return manifest
+
+
+@pytest.fixture
+def tree(tmp_path) -> tuple[Path, dict[str, int]]:
+    root = tmp_path / "ACDC"
+    return root, make_tree(root)
+
+
+# -------------------------------------------------------------------------------------- folds
+def test_folds_are_wsl4mis_patient_blocks() -> None:
+    for fold in range(1, 6):
+        train, val = acdc_fold(fold)
+        assert val == [f"patient{i:03d}" for i in range(20 * (fold - 1) + 1, 20 * fold + 1)]
+        assert len(train) == 80 and not set(train) & set(val)
+    for bad in (0, 6, "1", 1.0, True):
+        with pytest.raises(ValueError, match=r"fold must be an int in 1\.\.5"):
+            acdc_fold(bad)
+
+
+def test_data_module_counts_and_samples(tree) -> None:
+    root, slices = tree
+    dm = ACDCDataModule(str(root), fold=2, image_size=32, num_workers=0, num_workers_validation=0)
+    dm.setup("fit")
+    val_patients = {"patient021", "patient022"}
+    assert len(dm.train_dataset) == sum(n for p, n in slices.items() if p not in val_patients)
+    assert len(dm.val_dataset) == 2 * len(val_patients)  # two frames each
+    sample = dm.train_dataset[0]
+    assert sample["image"].shape == (1, 32, 32) and sample["image"].dtype == torch.float32
+    assert float(sample["image"].min()) >= 0.0 and float(sample["image"].max()) <= 1.0
+    for key in ("semseg_dense", "semseg_scribbles", "semseg_clicks"):
+        assert sample[key].shape == (32, 32) and sample[key].dtype == torch.int64
+    assert sample["valid"].shape == (1, 32, 32)
+    assert set(torch.unique(sample["semseg_scribbles"]).tolist()) <= {0, 1, 2, 3, IGNORE_INDEX}
+    assert (sample["semseg_clicks"] == IGNORE_INDEX).all()
+    volume = dm.val_dataset[0]
+    assert volume["image"].dim() == 4 and volume["image"].shape[0] == 1
+    assert volume["semseg_dense"].shape == volume["image"].shape[1:]
+    assert dm.inference_size == (32, 32) and dm.num_classes == 4
+
+
+def test_raw_slice_maps_unlabelled_4_to_255_and_keeps_the_labels(tree) -> None:
+    root, _ = tree
+    dataset = ACDCSliceDataset(root, ["patient001"])
+    with h5py.File(dataset.files[0]) as f:
+        scribble, label, image = f["scribble"][()], f["label"][()], f["image"][()]
+    raw = dataset[0]
+    assert np.array_equal(raw["semseg_scribbles"] == IGNORE_INDEX, scribble == 4)
+    assert np.array_equal(raw["semseg_scribbles"][scribble != 4], scribble[scribble != 4])
+    assert np.array_equal(raw["semseg_dense"], label) and np.array_equal(raw["image"], image)
+
+
+def test_validation_volume_is_the_file_at_its_original_size(tree) -> None:
+    root, _ = tree
+    dataset = ACDCVolumeDataset(root, ["patient041"])
+    with h5py.File(dataset.files[1]) as f:
+        image, label = f["image"][()], f["label"][()]
+    item = dataset[1]
+    assert np.array_equal(item["image"][0].numpy(), image)
+    assert np.array_equal(item["semseg_dense"].numpy(), label.astype(np.int64))
+
+
+# ------------------------------------------------------------------------------ augmentation
+def test_rotate_flip_branch_is_an_exact_dihedral_map_of_the_resized_labels() -> None:
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 4, (12, 8)).astype(np.uint8)
+    image = rng.random((12, 8), dtype=np.float32)
+    transform = SampleTransform(
+        AugmentationConfig(crop_size=24), True, None, RandomRotateFlipResize(24, 20.0)
+    )
+    # Nearest resize to 24×24 keeps each input pixel as a block; the rot/flip branch is exact.
+    candidates = []
+    for k in range(4):
+        turned = np.rot90(label, k)
+        for flipped in (np.flip(turned, 0), np.flip(turned, 1)):
+            rows = np.arange(24) * flipped.shape[0] // 24
+            cols = np.arange(24) * flipped.shape[1] // 24
+            candidates.append(flipped[rows][:, cols])
+    exact = 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        out = transform({"image": image, "semseg_dense": label, "index": 0})
+        dense = out["semseg_dense"].numpy()
+        if any(np.array_equal(dense, c) for c in candidates):
+            exact += 1
+            assert bool((out["valid"] == 1).all())  # no padding in that branch
+        else:  # the small rotation (or nothing): labels stay labels, padding is ignore
+            assert set(np.unique(dense)) <= {0, 1, 2, 3, IGNORE_INDEX}
+    assert 10 <= exact <= 30  # the branch is taken about half of the time
+
+
+def test_rotate_flip_resize_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="size"):
+        RandomRotateFlipResize(0)
+    with pytest.raises(ValueError, match="max_rotation_deg"):
+        RandomRotateFlipResize(8, -1)
+
+
+# ------------------------------------------------------------------------------------ errors
+def test_missing_layout_names_what_to_fetch_and_where(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        ACDCDataModule(str(tmp_path / "nothing"), num_workers=0).setup("fit")
+    message = str(info.value)
+    assert "HiLab-git/WSL4MIS" in message and "a594da8d" in message
+    assert str(tmp_path / "nothing" / "ACDC_training_slices") in message
+
+
+def test_missing_key_and_wrong_shape_name_the_file(tree) -> None:
+    root, _ = tree
+    dataset = ACDCSliceDataset(root, ["patient002"])
+    path = dataset.files[0]
+    with h5py.File(path, "a") as f:
+        del f["scribble"]
+    with pytest.raises(KeyError, match=rf"{path.name}.*scribble"):
+        dataset[0]
+    path = dataset.files[1]
+    with h5py.File(path, "a") as f:
+        del f["label"]
+        f.create_dataset("label", data=np.zeros((3, 3), np.uint8))
+    with pytest.raises(ValueError, match=rf"{path.name}.*'label' has shape \(3, 3\)"):
+        dataset[1]
+    volumes = ACDCVolumeDataset(root, ["patient002"])
+    with h5py.File(volumes.files[0], "a") as f:
+        image = f["image"][()]
+        del f["image"]
+        f.create_dataset("image", data=image[0])  # a slice where a volume belongs
+    with pytest.raises(ValueError, match=rf"{volumes.files[0].name}.*Z×H×W"):
+        volumes[0]
+
+
+def test_fold_outside_one_to_five_is_refused(tree) -> None:
+    root, _ = tree
+    with pytest.raises(ValueError, match=r"fold must be an int in 1\.\.5 \(WSL4MIS folds\), got 6"):
+        ACDCDataModule(str(root), fold=6)
+
+
+# ----------------------------------------------------------------------- download and verify
+def test_download_fetches_checks_and_places_every_file(tmp_path) -> None:
+    remote = tmp_path / "remote" / "c0ffee"
+    make_tree(remote)
+    manifest_path = tmp_path / "manifest.json"
+    manifest = write_manifest(
+        remote, manifest_path, f"file://{tmp_path}/remote/{{commit}}/{{path}}"
+    )
+    local = tmp_path / "local"
+    assert download_acdc(local, read_manifest(manifest_path)) == len(manifest["files"])
+    assert verify_acdc(local, manifest) == len(manifest["files"])
+    assert download_acdc(local, manifest) == 0  # nothing missing any more
+    # A corrupted local file is named with both hashes.
+    victim = local / next(iter(manifest["files"]))
+    victim.write_bytes(victim.read_bytes() + b"x")
+    with pytest.raises(ValueError, match=rf"{victim}.*sha256"):
+        verify_acdc(local, manifest)
+    # A remote file that differs from the manifest is refused and not placed.
+    victim.unlink()
+    (remote / next(iter(manifest["files"]))).write_bytes(b"not the file")
+    with pytest.raises(ValueError, match=r"downloaded ACDC file .* has sha256"):
+        download_acdc(local, manifest)
+    assert not victim.exists()
+
+
+def test_download_offline_says_what_to_fetch(tmp_path) -> None:
+    manifest = {
+        "repository": "https://github.com/HiLab-git/WSL4MIS",
+        "commit": "c0ffee",
+        "url": f"file://{tmp_path}/absent/{{commit}}/{{path}}",
+        "files": {"ACDC_training_slices/patient001_frame01_slice_0.h5": "0" * 64},
+    }
+    with pytest.raises(FileNotFoundError, match=r"could not download .*HiLab-git/WSL4MIS"):
+        download_acdc(tmp_path / "local", manifest)
+
+
+def test_shipped_manifest_lists_the_wsl4mis_files() -> None:
+    manifest = read_manifest()
+    assert manifest["commit"] == "a594da8d99a42860bf1dad7cea02bd168e3683b1"
+    files = manifest["files"]
+    assert sum(k.startswith("ACDC_training_slices/") for k in files) == 1902
+    assert sum(k.startswith("ACDC_training_volumes/") for k in files) == 200
+    assert all(len(v) == 64 and int(v, 16) >= 0 for v in files.values())
+    # Fold 1 trains on the slices of patients 21..100: 1,512 of them.
+    train, _ = acdc_fold(1)
+    names = [k.split("/")[1] for k in files if k.startswith("ACDC_training_slices/")]
+    assert sum(n.split("_")[0] in set(train) for n in names) == 1512
+
+
+# ----------------------------------------------------------------------------------- metrics
+def _naive_dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_volume_scores_match_naive_dice_and_a_known_hd95() -> None:
+    reference = torch.zeros(6, 20, 20, dtype=torch.long)
+    reference[1:5, 4:12, 4:12] = 1
+    reference[1:5, 14:18, 4:10] = 2
+    prediction = torch.zeros_like(reference)
+    prediction[1:5, 6:14, 4:12] = 1  # class 1 shifted by 2 rows: HD95 = 2
+    prediction[2:4, 14:18, 4:8] = 2
+    dice, hd95 = score_volume(prediction, reference, num_classes=4)
+    ref, pred = reference.numpy(), prediction.numpy()
+    assert dice[0].item() == pytest.approx(_naive_dice(pred == 1, ref == 1))
+    assert dice[1].item() == pytest.approx(_naive_dice(pred == 2, ref == 2))
+    assert hd95[0].item() == pytest.approx(2.0)
+    # Class 3 is in neither volume: Dice 1, no distance.
+    assert dice[2].item() == 1.0 and math.isnan(hd95[2].item())
+    # A class predicted nowhere scores Dice 0 and the volume's diagonal, not 0.
+    one_class = (reference == 1).long()
+    dice, hd95 = score_volume(torch.zeros_like(one_class), one_class, num_classes=2)
+    assert dice.tolist() == [0.0] and hd95.item() == pytest.approx(math.sqrt(36 + 400 + 400))
+    with pytest.raises(ValueError, match=r"reference labels must be in \[0, 2\), got \[0, 2\]"):
+        score_volume(one_class, reference, num_classes=2)
+
+    scores = VolumeScores(["background", "a", "b", "c"])
+    scores.update(prediction, reference)
+    scores.update(reference, reference)
+    result = scores.compute()
+    first = score_volume(prediction, reference, 4)[0]
+    assert result["dice_a"].item() == pytest.approx((first[0].item() + 1) / 2, rel=1e-6)
+    assert result["dice"].item() == pytest.approx(
+        float(torch.stack([(first + 1) / 2]).mean()), rel=1e-6
+    )
+
+
+# ----------------------------------------------------------------------------------- recipes
+def _short(tmp_path: Path) -> list[str]:
+    return [
+        "--data.image_size=32",
+        "--data.batch_size=2",
+        "--data.num_workers=0",
+        "--data.num_workers_validation=0",
+        "--model.model_encoder_name=resnet10t",
+        "--model.model_kwargs={in_channels: 1, decoder_channels: [16, 16, 8, 8, 8, 8]}",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=2",
+        "--trainer.num_sanity_val_steps=0",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "extra", "gated_crf"),
+    [
+        ("acdc_full", [], False),
+        ("acdc_scribbles", [], True),
+        ("acdc_scribbles", ["--model.loss_gatedcrf=false"], False),
+    ],
+)
+def test_acdc_recipes_train_on_a_fake_tree(tmp_path, tree, recipe, extra, gated_crf) -> None:
+    import importlib
+
+    root, _ = tree
+    cli = importlib.import_module(f"recipes.{recipe}").main(
+        [f"--data.root={root}", *_short(tmp_path), *extra]
+    )
+    module, metrics = cli.model, cli.trainer.callback_metrics
+    assert cli.trainer.global_step == 2
+    assert type(module.network).__name__ == "UNet" and module.network.in_channels == 1
+    assert (module.gated_crf is not None) == gated_crf
+    assert (float(metrics["train/loss_gatedcrf"]) > 0) == gated_crf
+    assert ("train/loss_dice" in metrics) == (recipe == "acdc_full")
+    for key in ("val/dice", "val/dice_rv", "val/dice_myo", "val/dice_lv", "val/hd95"):
+        assert key in metrics, key
+    assert 0.0 <= float(metrics["val/dice"]) <= 1.0
+    best = cli.trainer.checkpoint_callback
+    assert best.monitor == "val/dice" and best.best_model_path
+
+
+def test_volume_validation_scores_the_slice_by_slice_prediction(tmp_path, tree) -> None:
+    """The module's 3D scores are those of its own predictions, computed independently."""
+    import recipes.acdc_full
+
+    root, _ = tree
+    cli = recipes.acdc_full.main([f"--data.root={root}", *_short(tmp_path)], run=False)
+    module, dm = cli.model, cli.datamodule
+    metrics = cli.trainer.validate(module, dm, verbose=False)[0]
+    module.eval()
+    scores = VolumeScores(dm.class_names)
+    for k in range(2):  # --trainer.limit_val_batches=2: the first two volumes
+        item = dm.val_dataset[k]
+        slices = item["image"].transpose(0, 1)  # Z×1×H×W
+        x = torch.nn.functional.interpolate(slices, size=(32, 32), mode="bilinear")
+        with torch.no_grad():
+            logits = module.network(x).high
+        logits = torch.nn.functional.interpolate(logits, size=slices.shape[-2:], mode="bilinear")
+        scores.update(logits.argmax(1), item["semseg_dense"])
+    expected = scores.compute()
+    assert metrics["val/dice"] == pytest.approx(float(expected["dice"]), abs=1e-6)
+    assert metrics["val/hd95"] == pytest.approx(float(expected["hd95"]), abs=1e-4)
+
+
+def test_acdc_compare_runs_the_three_settings(tmp_path, tree, capsys) -> None:
+    from recipes import acdc_compare
+
+    root, _ = tree
+    results = acdc_compare.main(
+        [
+            f"--data.root={root}",
+            "--steps=2",
+            "--image_size=32",
+            "--batch_size=2",
+            "--encoder=resnet10t",
+            "--decoder_channels=[16, 16, 8, 8, 8, 8]",
+            f"--output_dir={tmp_path / 'runs'}",
+            "--workers=1",
+        ]
+    )
+    assert [r.name for r in results] == ["full", "pce", "pce_gatedcrf"]
+    assert all(r.steps == 2 and 0 <= r.metrics["val/dice"] <= 1 for r in results)
+    printed = capsys.readouterr().out
+    assert "closes" in printed and "pce_gatedcrf" in printed
+    # Each run went through its recipe: its configuration is on disk.
+    assert len(list((tmp_path / "runs").rglob("config.yaml"))) == 3
