@@ -57,6 +57,8 @@ def compare(
     decoder_channels: list[int] | None = None,
     optimizer: Literal["sgd", "adam"] = "adam",
     lr: float = 1e-3,
+    gatedcrf_xy_sigma: float | None = None,
+    gatedcrf_radius: int | None = None,
     validations: int = 1,
     seed: int = 0,
     output_dir: str = "runs/acdc_compare",
@@ -75,6 +77,9 @@ def compare(
             train the dense baseline) or ``sgd`` (WSL4MIS: momentum 0.9); weight decay 1e-4 and
             poly 0.9 either way.
         lr: learning rate (WSL4MIS's SGD: 0.01).
+        gatedcrf_xy_sigma: σ_xy of the Gated CRF kernel in prediction pixels (default: WSL4MIS's
+            6 at 256², scaled to ``image_size``: the same reach over the anatomy, 3 at 128²).
+        gatedcrf_radius: window radius (default: WSL4MIS's 5 at 256², scaled likewise: 3 at 128²).
         validations: validations per run (the last one is reported).
         seed: seed of the initialisation, the batch order and the augmentation (shared).
         output_dir: where the runs write logs, checkpoints and configurations.
@@ -85,6 +90,9 @@ def compare(
     """
     data = data or CompareData()
     fold = data.fold
+    scale = image_size / 256  # WSL4MIS trains at 256²: its kernel, in pixels, scales with the size
+    xy = gatedcrf_xy_sigma if gatedcrf_xy_sigma is not None else 6.0 * scale
+    radius = gatedcrf_radius if gatedcrf_radius is not None else max(1, round(5 * scale))
     decoder = decoder_channels or [64, 32, 16, 16, 16]
     if data.download:  # once, here, rather than in three processes at a time
         from gcrf.data.acdc import download_acdc
@@ -120,7 +128,15 @@ def compare(
             "recipes.acdc_scribbles",
             ("--model.loss_gatedcrf=false",),
         ),
-        RunSpec("pce_gatedcrf", "partial CE + Gated CRF", "recipes.acdc_scribbles"),
+        RunSpec(
+            "pce_gatedcrf",
+            "partial CE + Gated CRF",
+            "recipes.acdc_scribbles",
+            (
+                f"--model.loss_gatedcrf_kernels_desc=[{{weight: 1, xy: {xy}, rgb: 0.1}}]",
+                f"--model.loss_gatedcrf_radius={radius}",
+            ),
+        ),
     ]
     specs = [
         RunSpec(
@@ -134,7 +150,8 @@ def compare(
     console = Console(width=132)
     console.print(
         f"ACDC fold {fold}: {steps} steps of batch {batch_size} at {image_size}², UNet "
-        f"({encoder}, decoder {decoder}) from scratch, {optimizer} lr {lr} poly 0.9 — "
+        f"({encoder}, decoder {decoder}) from scratch, {optimizer} lr {lr} poly 0.9; Gated CRF "
+        f"weight 0.1, xy {xy:g}, rgb 0.1, radius {radius} — "
         + ", ".join(s.description for s in specs)
     )
     start = time.monotonic()

@@ -41,6 +41,7 @@ from gcrf.training import (
 )
 from recipes import presets
 from recipes.cli import build_gated_crf_loss, build_network, configure_logging
+from recipes.runs import gap_closed
 
 __all__ = ["DemoResult", "demo", "gap_closed", "main"]
 
@@ -62,17 +63,6 @@ class DemoResult:
     steps: int
     log_dir: str
     checkpoint: str  #: the final weights (``GCRF_CHECKPOINT`` of notebooks/training_results.ipynb)
-
-
-def gap_closed(full: float, scribbles: float, gated_crf: float) -> float:
-    """Share of the scribbles→full mIoU gap closed by the Gated CRF run (1.0 = all of it).
-
-    Example:
-        >>> gap_closed(0.8, 0.6, 0.7)
-        0.5
-    """
-    gap = full - scribbles
-    return float("nan") if gap <= 0 else (gated_crf - scribbles) / gap
 
 
 def _run_one(

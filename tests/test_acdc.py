@@ -389,3 +389,26 @@ def test_acdc_compare_runs_the_three_settings(tmp_path, tree, capsys) -> None:
     assert "closes" in printed and "pce_gatedcrf" in printed
     # Each run went through its recipe: its configuration is on disk.
     assert len(list((tmp_path / "runs").rglob("config.yaml"))) == 3
+
+
+@pytest.mark.parametrize("padding_label", [0, IGNORE_INDEX])
+def test_rotation_padding_is_labelled_as_asked(tree, padding_label) -> None:
+    """Outside an MR field of view is background (the data module's default, as WSL4MIS pads);
+    255 ignores it. Either way the padded pixels are invalid for the Gated CRF loss."""
+    root, _ = tree
+    dm = ACDCDataModule(str(root), image_size=24, padding_label=padding_label, num_workers=0)
+    dm.setup("fit")
+    padded_seen = 0
+    for seed in range(30):
+        torch.manual_seed(seed)
+        sample = dm.train_dataset[seed % len(dm.train_dataset)]
+        padded = sample["valid"][0] == 0
+        if not padded.any():
+            continue
+        padded_seen += 1
+        assert (sample["semseg_dense"][padded] == padding_label).all()
+        assert (sample["semseg_scribbles"][padded] == padding_label).all()
+        assert (sample["image"][0][padded] == 0).all()
+        # On the image the labels are the file's: no background leaks in from the padding.
+        assert (sample["semseg_dense"][~padded] != IGNORE_INDEX).all()
+    assert padded_seen >= 3  # the small-rotation branch pads its corners

@@ -92,7 +92,8 @@ def test_every_published_flag_has_a_row() -> None:
 
 
 def test_the_flag_table_names_real_arguments(capsys) -> None:
-    voc = pytest.importorskip("recipes.voc_clicks")
+    import recipes.voc_clicks as voc
+
     keys = config_keys(voc.main, capsys)
     new_flags = []
     for old, cell in flag_table().items():
@@ -134,22 +135,29 @@ def test_recipe_defaults_reach_the_objects() -> None:
     assert no_sync.trainer._accelerator_connector._layer_sync is None
 
 
+def synthetic_short_run(tmp_path: Path) -> list[str]:
+    """Two steps of the synthetic recipe on tiny scenes, one validation."""
+    return [
+        "--data.image_size=32",
+        "--data.train_length=4",
+        "--data.val_length=2",
+        "--data.batch_size=2",
+        "--data.batch_size_validation=2",
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2",
+        "--trainer.num_sanity_val_steps=0",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+
+
 @pytest.mark.parametrize("gated_crf", [False, True])
 def test_synthetic_recipe_trains(tmp_path, gated_crf) -> None:
     cli = synthetic.main(
         [
-            "--data.image_size=32",
-            "--data.train_length=4",
-            "--data.val_length=2",
-            "--data.batch_size=2",
-            "--data.batch_size_validation=2",
+            *synthetic_short_run(tmp_path),
             "--model.loss_cross_entropy_modality=semseg_scribbles",
             f"--model.loss_gatedcrf={str(gated_crf).lower()}",
             "--model.loss_gatedcrf_use_after_progress_ratio=0",
-            "--trainer.max_steps=2",
-            "--trainer.val_check_interval=2",
-            "--trainer.num_sanity_val_steps=0",
-            f"--trainer.default_root_dir={tmp_path}",
         ]
     )
     metrics = cli.trainer.callback_metrics
@@ -181,20 +189,7 @@ def test_synthetic_recipe_trains(tmp_path, gated_crf) -> None:
 def test_documented_trainer_flags_run(tmp_path, flags) -> None:
     """Lightning refuses some combinations with the recipes' default callbacks (a learning-rate
     monitor without a logger, checkpoints with checkpointing off): the recipes must not."""
-    cli = synthetic.main(
-        [
-            "--data.image_size=32",
-            "--data.train_length=4",
-            "--data.val_length=2",
-            "--data.batch_size=2",
-            "--data.batch_size_validation=2",
-            "--trainer.max_steps=2",
-            "--trainer.val_check_interval=2",
-            "--trainer.num_sanity_val_steps=0",
-            f"--trainer.default_root_dir={tmp_path}",
-            *flags,
-        ]
-    )
+    cli = synthetic.main([*synthetic_short_run(tmp_path), *flags])
     assert cli.trainer.global_step >= 1
     assert "val/mIoU" in cli.trainer.callback_metrics
     if "--trainer.enable_checkpointing=false" in flags:
@@ -202,7 +197,7 @@ def test_documented_trainer_flags_run(tmp_path, flags) -> None:
 
 
 def test_gap_closed() -> None:
-    from recipes.demo import gap_closed
+    from recipes.runs import gap_closed
 
     assert gap_closed(0.8, 0.6, 0.7) == pytest.approx(0.5)
     assert gap_closed(0.8, 0.6, 0.9) == pytest.approx(1.5)

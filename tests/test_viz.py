@@ -291,7 +291,8 @@ def test_import_does_not_load_matplotlib() -> None:
 
 
 def test_show_images_draws_every_panel() -> None:
-    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -348,6 +348,12 @@ class ACDCDataModule(WeakSegmentationDataModule):
             against ``datasets/acdc_wsl4mis.json``.
         verify: check every file under ``root`` against the manifest at setup.
         cache: keep the training slices in memory after their first read.
+        padding_label: label of the pixels a rotation pads (outside the field of view) in the
+            dense labels and the scribbles: 0, background — what lies outside an MR field of view
+            is air, and WSL4MIS's augmentation pads labels and scribbles with 0 too; the Valvano
+            scribbles label background only in a ring around the heart, so without it nothing
+            ever tells scribble-trained networks that dark air is background. 255 ignores them.
+            The padded pixels stay invalid (``valid`` = 0) for the Gated CRF loss either way.
         batch_size: training batch size (WSL4MIS: 12).
         num_workers: training loader processes.
         num_workers_validation: validation loader processes (volumes come one at a time).
@@ -372,6 +378,7 @@ class ACDCDataModule(WeakSegmentationDataModule):
         download: bool = False,
         verify: bool = False,
         cache: bool = False,
+        padding_label: int = 0,
         batch_size: int = 12,
         num_workers: int = 4,
         num_workers_validation: int = 1,
@@ -393,6 +400,7 @@ class ACDCDataModule(WeakSegmentationDataModule):
         self.download = download
         self.verify = verify
         self.cache = cache
+        self.padding_label = padding_label
         #: The size at which the training module predicts validation slices.
         self.inference_size = (image_size, image_size)
 
@@ -418,5 +426,6 @@ class ACDCDataModule(WeakSegmentationDataModule):
             train=True,
             normalize=None,
             geometry=RandomRotateFlipResize(self.image_size, self.max_rotation_deg),
+            padding_label=self.padding_label,
         )
         return train, None

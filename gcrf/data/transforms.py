@@ -626,6 +626,9 @@ class SampleTransform:
         geometry: the random geometry of training (default :class:`RandomGeometry` of
             ``config``); any v2 ``Transform`` that maps the sample's tv_tensors onto one output
             grid and returns the image as float32.
+        padding_label: the label of padded pixels (outside the image) in the dense and scribble
+            maps: 255 (ignore, the default: nothing is known there) or a class, e.g. 0 where the
+            world outside the field of view is background (MR slices; WSL4MIS pads so).
 
     Example:
         >>> t = SampleTransform(AugmentationConfig(crop_size=8), train=True)
@@ -640,8 +643,14 @@ class SampleTransform:
         train: bool = True,
         normalize: tuple[Sequence[float], Sequence[float]] | None = (IMAGENET_MEAN, IMAGENET_STD),
         geometry: Transform | None = None,
+        padding_label: int = IGNORE_INDEX,
     ) -> None:
         config = config if config is not None else AugmentationConfig()
+        if isinstance(padding_label, bool) or not isinstance(padding_label, int):
+            raise TypeError(f"padding_label must be an int, got {padding_label!r}")
+        if not 0 <= padding_label <= IGNORE_INDEX:
+            raise ValueError(f"padding_label must be in [0, 255], got {padding_label!r}")
+        self.padding_label = padding_label
         if not isinstance(config, AugmentationConfig):
             raise TypeError(f"config must be an AugmentationConfig, got {type(config).__name__}")
         if geometry is not None and not isinstance(geometry, Transform):
@@ -712,9 +721,14 @@ class SampleTransform:
             semseg_scribbles = spatial["semseg_scribbles"].as_subclass(torch.Tensor)[0].long()
         else:
             semseg_scribbles = rasterise_scribbles(scribbles, size, width)
+        semseg_dense = spatial["semseg_dense"].as_subclass(torch.Tensor)[0].long()
+        if self.padding_label != IGNORE_INDEX:
+            padded = valid[0] == 0
+            semseg_dense = semseg_dense.masked_fill(padded, self.padding_label)
+            semseg_scribbles = semseg_scribbles.masked_fill(padded, self.padding_label)
         return {
             "image": image.contiguous(),
-            "semseg_dense": spatial["semseg_dense"].as_subclass(torch.Tensor)[0].long(),
+            "semseg_dense": semseg_dense,
             "semseg_scribbles": semseg_scribbles,
             "semseg_clicks": rasterise_clicks(clicks, size, width),
             "valid": valid.contiguous(),

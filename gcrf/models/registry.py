@@ -118,22 +118,26 @@ def deeplabv3p(encoder: str = "resnet34", **kwargs: Any) -> DeepLabV3Plus:
     return DeepLabV3Plus(encoder=encoder, **kwargs)
 
 
-def _fixed_encoder(encoder: str) -> Callable[..., DeepLabV3Plus]:
-    def factory(**kwargs: Any) -> DeepLabV3Plus:
+def _fixed_encoder(
+    family: str, model: Callable[..., nn.Module], encoder: str
+) -> Callable[..., Any]:
+    """A registered entry point ``<family>_<encoder>`` of ``model`` with the encoder fixed."""
+
+    def factory(**kwargs: Any) -> nn.Module:
         if "encoder" in kwargs:
             raise TypeError(
-                f"model 'deeplabv3p_{encoder}' fixes encoder={encoder!r}; use "
-                f"create_model('deeplabv3p', encoder={kwargs['encoder']!r}) for another one"
+                f"model '{family}_{encoder}' fixes encoder={encoder!r}; use "
+                f"create_model('{family}', encoder={kwargs['encoder']!r}) for another one"
             )
-        return DeepLabV3Plus(encoder=encoder, **kwargs)
+        return model(encoder=encoder, **kwargs)
 
-    factory.__name__ = factory.__qualname__ = f"deeplabv3p_{encoder}"
-    factory.__doc__ = f"DeepLabv3+ on a timm {encoder} encoder."
+    factory.__name__ = factory.__qualname__ = f"{family}_{encoder}"
+    factory.__doc__ = f"{model.__name__} on a timm {encoder} encoder."
     return factory
 
 
 for _encoder in ("resnet18", "resnet34", "resnet50", "resnet101"):
-    register_model(_fixed_encoder(_encoder))
+    register_model(_fixed_encoder("deeplabv3p", DeepLabV3Plus, _encoder))
 
 
 @register_model
@@ -142,19 +146,5 @@ def unet(encoder: str = "resnet34", **kwargs: Any) -> UNet:
     return UNet(encoder=encoder, **kwargs)
 
 
-def _unet_fixed_encoder(encoder: str) -> Callable[..., UNet]:
-    def factory(**kwargs: Any) -> UNet:
-        if "encoder" in kwargs:
-            raise TypeError(
-                f"model 'unet_{encoder}' fixes encoder={encoder!r}; use "
-                f"create_model('unet', encoder={kwargs['encoder']!r}) for another one"
-            )
-        return UNet(encoder=encoder, **kwargs)
-
-    factory.__name__ = factory.__qualname__ = f"unet_{encoder}"
-    factory.__doc__ = f"UNet on a timm {encoder} encoder."
-    return factory
-
-
 for _encoder in ("resnet18", "resnet34"):
-    register_model(_unet_fixed_encoder(_encoder))
+    register_model(_fixed_encoder("unet", UNet, _encoder))
