@@ -412,3 +412,17 @@ def test_rotation_padding_is_labelled_as_asked(tree, padding_label) -> None:
         # On the image the labels are the file's: no background leaks in from the padding.
         assert (sample["semseg_dense"][~padded] != IGNORE_INDEX).all()
     assert padded_seen >= 3  # the small-rotation branch pads its corners
+
+
+def test_label_histogram_counts_the_scribble_maps(tree) -> None:
+    """Class weights of partial CE read the scribbles given as label maps (4 → 255 excluded)."""
+    root, _ = tree
+    dm = ACDCDataModule(str(root), fold=1, image_size=16, num_workers=0)
+    expected = torch.zeros(4, dtype=torch.float64)
+    dm.setup("fit")
+    for path in dm.train_raw.files:
+        with h5py.File(path) as f:
+            scribble = torch.from_numpy(f["scribble"][()].astype(np.int64))
+        expected += torch.bincount(scribble[scribble < 4], minlength=4).double()
+    assert torch.equal(dm.label_histogram("semseg_scribbles"), expected)
+    assert expected[1:].min() > 0

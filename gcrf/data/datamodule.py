@@ -165,6 +165,8 @@ def label_map(sample: dict[str, Any], modality: str, stroke_width: int = 1) -> t
             return torch.full(size, IGNORE_INDEX, dtype=torch.int64)
         return torch.as_tensor(np.asarray(dense), dtype=torch.int64)
     if modality == "semseg_scribbles":
+        if sample.get("semseg_scribbles") is not None:  # scribbles given as a label map (ACDC)
+            return torch.as_tensor(np.asarray(sample["semseg_scribbles"]), dtype=torch.int64)
         return rasterise_scribbles(sample.get("scribbles") or [], size, stroke_width)
     return rasterise_clicks(sample.get("clicks") or [], size, stroke_width)
 
