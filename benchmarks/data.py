@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python -m benchmarks.data                        # VOC-size and Cityscapes-size cases
-    python -m benchmarks.data --samples 40 --cases cityscapes
+    python -m benchmarks.data --samples 40 --cases [cityscapes]
 
 For each case, files in the real formats are written to a temporary folder once (a JPEG image and
 a palette PNG label for VOC-size frames; a PNG image and a PNG label for Cityscapes-size frames,
@@ -51,6 +51,7 @@ from gcrf.data.transforms import (
     SampleTransform,
     build_transform,
     to_tv_tensors,
+    warp_params,
 )
 
 __all__ = ["CASES", "Case", "main", "measure"]
@@ -183,9 +184,9 @@ class _Previous(SampleTransform):
             )
             raster = TF.perspective(raster, None, None, interpolation, fill, coefficients)
             spatial[key] = TF.crop(raster, 0, 0, crop, crop)
-        shift = np.array([[1.0, 0, 0.5], [0, 1.0, 0.5], [0, 0, 1.0]])
-        points = np.linalg.inv(np.linalg.inv(shift) @ forward @ shift)
-        point_coefficients = (points / points[2, 2]).reshape(-1)[:8].tolist()
+        point_coefficients = warp_params(forward, (height, width), (crop, crop))[
+            "coefficients_points"
+        ]
         for key in ("scribble_points", "click_points"):
             moved = TF.perspective(data[key], None, None, coefficients=point_coefficients)
             spatial[key] = TF.crop(moved, 0, 0, crop, crop)

@@ -411,8 +411,7 @@ class ACDCDataModule(WeakSegmentationDataModule):
                 logger.info("ACDC: downloaded %d files to %s", count, self.root)
 
     def build_datasets(self) -> tuple[Dataset, Dataset]:
-        if self.download:
-            self.prepare_data()
+        # Downloading is prepare_data's job (once, on one process); here the layout is checked.
         if self.verify:
             logger.info("ACDC: %d files match the manifest", verify_acdc(self.root))
         train, val = acdc_fold(self.fold)

@@ -549,23 +549,21 @@ class RandomRotateFlipResize(Transform):
         cx, cy = width / 2, height / 2
         to_centre = np.array([[1.0, 0, -cx], [0, 1.0, -cy], [0, 0, 1.0]])
         linear = np.eye(3)
+        turned_w, turned_h = width, height  # the frame after the rotation, before the resize
         if float(torch.rand(())) > 0.5:
             k = int(torch.randint(0, 4, ()))
             flip_rows = bool(torch.randint(0, 2, ()))
             quarter = np.array([[0.0, 1, 0], [-1, 0, 0], [0, 0, 1]])  # 90° on screen
             flip = np.diag([1.0, -1.0, 1.0]) if flip_rows else np.diag([-1.0, 1.0, 1.0])
             linear = flip @ np.linalg.matrix_power(quarter, k)
+            if k % 2:  # quarter turns swap the axes
+                turned_w, turned_h = height, width
         elif float(torch.rand(())) > 0.5:
             angle = math.radians(
                 -self.max_rotation_deg + 2 * self.max_rotation_deg * float(torch.rand(()))
             )
             cos, sin = math.cos(angle), math.sin(angle)
             linear = np.array([[cos, sin, 0.0], [-sin, cos, 0.0], [0.0, 0.0, 1.0]])
-        # Quarter turns swap the axes: the turned image is W' × H' before the resize.
-        turned_w = abs(linear[0, 0]) * width + abs(linear[0, 1]) * height
-        turned_h = abs(linear[1, 0]) * width + abs(linear[1, 1]) * height
-        if not (linear[0, 1] == 0 or linear[0, 0] == 0):  # a small rotation keeps the frame
-            turned_w, turned_h = width, height
         back = np.array([[1.0, 0, turned_w / 2], [0, 1.0, turned_h / 2], [0, 0, 1.0]])
         resize = np.diag([self.size / turned_w, self.size / turned_h, 1.0])
         return resize @ back @ linear @ to_centre

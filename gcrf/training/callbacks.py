@@ -222,8 +222,8 @@ class SegmentationVisualizer(Callback):
         if loss is None or not hasattr(loss, "kernels_vis"):
             return None
         sample = {k: v[:count] if isinstance(v, Tensor) else v for k, v in batch.items()}
-        low = output.low[:count]
-        probs, features, mask_src = pl_module.gated_crf_inputs(sample, type(output)(low, low))
+        first = type(output)(*(t[:count] for t in output))
+        probs, features, mask_src = pl_module.gated_crf_inputs(sample, first)
         return loss.kernels_vis(features, probs.shape[-2:], mask_src=mask_src)[:, 0]
 
     def on_train_batch_end(
