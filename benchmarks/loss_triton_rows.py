@@ -33,6 +33,7 @@ import torch
 import triton.testing
 
 from gcrf.kernels.gated_crf import gated_crf_pairwise_sum as triton_pairwise_sum
+from gcrf.kernels.window import GatedWindow, PairwiseInputs
 from gcrf.loss.torch_backend import gated_crf_pairwise_sum as torch_pairwise_sum
 
 logger = logging.getLogger("benchmarks.loss_triton_rows")
@@ -106,7 +107,8 @@ def copy_bandwidth_gbps(num_bytes: int = 1 << 30) -> float:
 def fwd_bwd(fn: Callable[..., torch.Tensor], inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     probs = inputs["probs"]
     probs.grad = None
-    value = fn(**inputs, **WINDOW)
+    window = GatedWindow(inputs["features"], **WINDOW, mask_src=inputs["mask_src"])
+    value = fn(PairwiseInputs(probs, window, inputs["compatibility"]))
     value.backward()
     return value.detach(), probs.grad
 

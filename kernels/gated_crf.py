@@ -38,7 +38,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -47,12 +46,26 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from gcrf.kernels.window import (
+    SPATIAL_RANKS,
+    GatedWindow,
+    PairwiseInputs,
+    accumulation_dtype,
+    flat_tables,
+)
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["SUPPORTED_SPATIAL_RANKS", "gated_crf_pairwise_sum", "window_affinity"]
+__all__ = [
+    "SUPPORTED_SPATIAL_RANKS",
+    "GatedWindow",
+    "PairwiseInputs",
+    "gated_crf_pairwise_sum",
+    "window_affinity",
+]
 
 #: Spatial ranks the Triton backend runs: (h, w) images and (d, h, w) volumes.
-SUPPORTED_SPATIAL_RANKS: tuple[int, ...] = (2, 3)
+SUPPORTED_SPATIAL_RANKS: tuple[int, ...] = SPATIAL_RANKS
 
 # Channels handled by one program. Larger C is split into chunks (one program each, K recomputed per
 # chunk). Module-level so that the tests can shrink it to exercise the chunked path on tiny shapes.
@@ -453,10 +466,6 @@ def _window_tables(
     return coef_table, bounds
 
 
-def _acc_dtype(probs_dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if probs_dtype == torch.float64 else torch.float32
-
-
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
@@ -530,7 +539,7 @@ def _pairwise_sum(
     with_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """S, and ∂S/∂probs in the accumulation dtype when ``with_grad`` (else an empty tensor)."""
-    acc_dtype = _acc_dtype(probs.dtype)
+    acc_dtype = accumulation_dtype(probs.dtype)
     n, c = probs.shape[:2]
     probs = probs.contiguous()
     features = features.to(acc_dtype).contiguous()
@@ -626,7 +635,7 @@ def _pairwise_sum_op(
 @_pairwise_sum_op.register_fake
 def _(probs, features, kernel_bounds, kernel_weights, kernel_pos_scales, radius, mask_src,
       mask_dst, compatibility, with_grad):  # fmt: skip
-    acc_dtype = _acc_dtype(probs.dtype)
+    acc_dtype = accumulation_dtype(probs.dtype)
     grad_shape = probs.shape if with_grad else (0,)
     return probs.new_empty((), dtype=acc_dtype), probs.new_empty(grad_shape, dtype=acc_dtype)
 
@@ -669,7 +678,7 @@ def _window_affinity_op(
     mask_src: Tensor | None,
     mask_dst: Tensor | None,
 ) -> Tensor:
-    acc_dtype = _acc_dtype(features.dtype)
+    acc_dtype = accumulation_dtype(features.dtype)
     features = features.contiguous()
     n = features.shape[0]
     coef, bounds, (p, d, h, w), constexprs = _common_launch_args(
@@ -709,7 +718,7 @@ def _window_affinity_op(
 def _(features, spatial_shape, kernel_bounds, kernel_weights, kernel_pos_scales, radius,
       mask_src, mask_dst):  # fmt: skip
     num_offsets = (2 * radius + 1) ** len(spatial_shape)
-    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(features.dtype)
     return features.new_empty((features.shape[0], num_offsets, *spatial_shape), dtype=dtype)
 
 
@@ -726,74 +735,7 @@ def _check_device(name: str, tensor: Tensor) -> None:
         )
 
 
-def _flatten_window_args(
-    features: Tensor,
-    spatial: tuple[int, ...],
-    kernel_slices: Sequence[tuple[int, int]],
-    kernel_weights: Sequence[float],
-    kernel_pos_scales: Sequence[Sequence[float]],
-    radius: int,
-    mask_src: Tensor | None,
-    mask_dst: Tensor | None,
-) -> tuple[list[int], list[float], list[float]]:
-    """Validate the shared arguments and flatten them for the custom op schema."""
-    rank = len(spatial)
-    if rank not in SUPPORTED_SPATIAL_RANKS:
-        raise ValueError(
-            f"spatial rank must be one of {SUPPORTED_SPATIAL_RANKS}, got {rank} (shape {spatial})"
-        )
-    if features.dim() != rank + 2 or tuple(features.shape[2:]) != spatial:
-        raise ValueError(
-            f"features must be N×F×{'×'.join(map(str, spatial))}, got shape {tuple(features.shape)}"
-        )
-    if isinstance(radius, bool) or not isinstance(radius, numbers.Integral) or radius < 1:
-        raise ValueError(f"radius must be an int >= 1, got {radius!r}")
-    num_kernels = len(kernel_weights)
-    if (
-        num_kernels == 0
-        or len(kernel_slices) != num_kernels
-        or len(kernel_pos_scales) != num_kernels
-    ):
-        raise ValueError(
-            "kernel_slices, kernel_weights and kernel_pos_scales must have one entry per kernel "
-            f"(at least one), got {len(kernel_slices)}, {num_kernels}, {len(kernel_pos_scales)}"
-        )
-    bounds: list[int] = []
-    for start, stop in kernel_slices:
-        if not 0 <= start <= stop <= features.shape[1]:
-            raise ValueError(
-                f"kernel_slices entry ({start}, {stop}) is not a channel range of features with "
-                f"{features.shape[1]} channels"
-            )
-        bounds += [int(start), int(stop)]
-    scales: list[float] = []
-    for per_axis in kernel_pos_scales:
-        if len(per_axis) != rank:
-            raise ValueError(
-                f"kernel_pos_scales needs {rank} entries per kernel (one per spatial axis), "
-                f"got {tuple(per_axis)}"
-            )
-        scales += [float(s) for s in per_axis]
-    for name, mask in (("mask_src", mask_src), ("mask_dst", mask_dst)):
-        if mask is not None and tuple(mask.shape) != (features.shape[0], 1, *spatial):
-            raise ValueError(
-                f"{name} must be N×1×{'×'.join(map(str, spatial))} with N={features.shape[0]}, "
-                f"got shape {tuple(mask.shape)}"
-            )
-    return bounds, [float(w) for w in kernel_weights], scales
-
-
-def gated_crf_pairwise_sum(
-    probs: Tensor,
-    features: Tensor,
-    kernel_slices: Sequence[tuple[int, int]],
-    kernel_weights: Sequence[float],
-    kernel_pos_scales: Sequence[Sequence[float]],
-    radius: int,
-    mask_src: Tensor | None = None,
-    mask_dst: Tensor | None = None,
-    compatibility: Tensor | None = None,
-) -> Tensor:
+def gated_crf_pairwise_sum(inputs: PairwiseInputs) -> Tensor:
     """Gated pairwise sum ``S`` of the Gated CRF loss, fused in Triton (docs/CONTRACTS.md §1).
 
     ``S = Σ_n Σ_i Σ_{j ∈ W(i), j ≠ i, j inside the image} G_ij · K_ij · φ(y_i, y_j)`` with
@@ -805,15 +747,9 @@ def gated_crf_pairwise_sum(
     custom op, so ``torch.compile`` keeps it in the graph.
 
     Args:
-        probs: class probabilities; fp16/bf16/fp32 (accumulated in fp32) or fp64 (in fp64).
-        features: per-pixel feature vectors, each kernel's channels already divided by its σ; F may be 0.
-        kernel_slices: per kernel, the ``[start, stop)`` channel range of ``features``.
-        kernel_weights: per kernel, ``w_k >= 0``.
-        kernel_pos_scales: per kernel, per spatial axis, ``spacing_a / σ_xy`` (0.0: no position term).
-        radius: window radius r >= 1; the window is ``(2r+1)`` pixels along every spatial axis.
-        mask_src: optional 0/1 gate on the neighbour ``j``.
-        mask_dst: optional 0/1 gate on the centre ``i``.
-        compatibility: optional normalised compatibility matrix μ̂ (C×C); Potts when None.
+        inputs: probabilities (fp16/bf16/fp32, accumulated in fp32, or fp64, in fp64), the gated
+            window (features already divided by σ, kernel tables, radius, 0/1 gates) and the
+            normalised compatibility μ̂ or None (Potts); they checked their consistency when built.
 
     Shape:
         - probs: N×C×h×w or N×C×d×h×w (``S``)
@@ -825,68 +761,31 @@ def gated_crf_pairwise_sum(
     Example:
         >>> probs = torch.softmax(torch.randn(2, 5, 16, 16, device="cuda"), dim=1)
         >>> rgb = torch.rand(2, 3, 16, 16, device="cuda") / 0.1
-        >>> s = gated_crf_pairwise_sum(probs, rgb, [(0, 3)], [1.0], [(1 / 6, 1 / 6)], radius=2)
+        >>> window = GatedWindow(rgb, ((0, 3),), (1.0,), ((1 / 6, 1 / 6),), radius=2)
+        >>> s = gated_crf_pairwise_sum(PairwiseInputs(probs, window))
     """
-    if not isinstance(probs, Tensor) or not isinstance(features, Tensor):
-        raise TypeError(
-            f"probs and features must be tensors, got {type(probs).__name__} and "
-            f"{type(features).__name__}"
-        )
-    if probs.dim() < 4:
-        raise ValueError(f"probs must be N×C×h×w or N×C×d×h×w, got shape {tuple(probs.shape)}")
-    if probs.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"probs must be fp16/bf16/fp32/fp64, got {probs.dtype}")
-    spatial = tuple(probs.shape[2:])
-    if features.shape[0] != probs.shape[0]:
-        raise ValueError(
-            f"features must have the batch size of probs ({probs.shape[0]}), got shape "
-            f"{tuple(features.shape)}"
-        )
-    bounds, weights, scales = _flatten_window_args(
-        features,
-        spatial,
-        kernel_slices,
-        kernel_weights,
-        kernel_pos_scales,
-        radius,
-        mask_src,
-        mask_dst,
-    )
-    c = probs.shape[1]
-    if compatibility is not None and tuple(compatibility.shape) != (c, c):
-        raise ValueError(f"compatibility must be {c}×{c}, got shape {tuple(compatibility.shape)}")
-    _check_device("probs", probs)
+    if not isinstance(inputs, PairwiseInputs):
+        raise TypeError(f"inputs must be a PairwiseInputs; got {type(inputs).__name__}")
+    window = inputs.window
+    _check_device("probs", inputs.probs)
+    bounds, weights, scales = flat_tables(window)
     # The gradient comes from the same sweep as the value; ask for it only when it will be used.
-    with_grad = probs.requires_grad and torch.is_grad_enabled()
+    with_grad = inputs.probs.requires_grad and torch.is_grad_enabled()
     value, _ = _pairwise_sum_op(
-        probs, features, bounds, weights, scales, int(radius), mask_src, mask_dst, compatibility,
-        with_grad,
+        inputs.probs, window.features, bounds, weights, scales, window.radius, window.mask_src,
+        window.mask_dst, inputs.compatibility, with_grad,
     )  # fmt: skip
     return value
 
 
-def window_affinity(
-    features: Tensor,
-    kernel_slices: Sequence[tuple[int, int]],
-    kernel_weights: Sequence[float],
-    kernel_pos_scales: Sequence[Sequence[float]],
-    radius: int,
-    mask_src: Tensor | None = None,
-    mask_dst: Tensor | None = None,
-) -> Tensor:
+def window_affinity(window: GatedWindow) -> Tensor:
     """Gated kernel of every pixel over its window, ``[n, o, i] = G_ij · K_ij``, ``j = i + offset_o``.
 
     Offsets run row-major over the window (each axis from −r to r); the value is 0 where ``j`` is
     outside the image or ``j == i``. Same kernel definition as :func:`gated_crf_pairwise_sum`.
 
     Args:
-        features: per-pixel feature vectors, each kernel's channels already divided by its σ.
-        kernel_slices: per kernel, the ``[start, stop)`` channel range of ``features``.
-        kernel_weights: per kernel, ``w_k >= 0``.
-        kernel_pos_scales: per kernel, per spatial axis, ``spacing_a / σ_xy``.
-        radius: window radius r >= 1.
-        mask_src: optional 0/1 gate on the neighbour ``j``.
-        mask_dst: optional 0/1 gate on the centre ``i``.
+        window: the gated window (features already divided by σ, kernel tables, radius, gates).
 
     Shape:
         - features: N×F×h×w or N×F×d×h×w; masks N×1×S
@@ -897,30 +796,16 @@ def window_affinity(
 
     Example:
         >>> rgb = torch.rand(1, 3, 32, 32, device="cuda") / 0.1
-        >>> aff = window_affinity(rgb, [(0, 3)], [1.0], [(1 / 6, 1 / 6)], radius=3)  # 1×49×32×32
+        >>> aff = window_affinity(GatedWindow(rgb, ((0, 3),), (1.0,), ((1 / 6, 1 / 6),), 3))
     """
-    if not isinstance(features, Tensor):
-        raise TypeError(f"features must be a tensor, got {type(features).__name__}")
-    if features.dim() < 4:
-        raise ValueError(
-            f"features must be N×F×h×w or N×F×d×h×w, got shape {tuple(features.shape)}"
-        )
-    if not features.is_floating_point():
-        raise TypeError(f"features must be a floating-point tensor, got {features.dtype}")
-    spatial = tuple(features.shape[2:])
-    bounds, weights, scales = _flatten_window_args(
-        features,
-        spatial,
-        kernel_slices,
-        kernel_weights,
-        kernel_pos_scales,
-        radius,
-        mask_src,
-        mask_dst,
-    )
+    if not isinstance(window, GatedWindow):
+        raise TypeError(f"window must be a GatedWindow; got {type(window).__name__}")
+    features = window.features
     _check_device("features", features)
     if features.dtype not in (torch.float32, torch.float64):
         features = features.float()
+    bounds, weights, scales = flat_tables(window)
     return _window_affinity_op(
-        features, list(spatial), bounds, weights, scales, int(radius), mask_src, mask_dst
-    )
+        features, list(window.spatial_shape), bounds, weights, scales, window.radius,
+        window.mask_src, window.mask_dst,
+    )  # fmt: skip

@@ -247,3 +247,39 @@ def naive_gated_crf_loss(
     else:
         denominator = float(batch * np.prod(shape))
     return total / denominator
+
+
+def flat_pairwise_sum(backend_function: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """A backend's ``gated_crf_pairwise_sum`` called with the contract's fields as arguments.
+
+    The tests (and :func:`naive_pairwise_sum`) speak in fields; the backends take the typed values
+    of ``gcrf.kernels.window``, built here, so the value's own checks run on every call.
+    """
+    from gcrf.kernels.window import GatedWindow, PairwiseInputs
+
+    def call(
+        probs, features, kernel_slices, kernel_weights, kernel_pos_scales, radius,
+        mask_src=None, mask_dst=None, compatibility=None,
+    ):  # fmt: skip
+        window = GatedWindow(
+            features, kernel_slices, kernel_weights, kernel_pos_scales, radius, mask_src, mask_dst
+        )
+        return backend_function(PairwiseInputs(probs, window, compatibility))
+
+    return call
+
+
+def flat_window_affinity(backend_function: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """A backend's ``window_affinity`` called with the window's fields as arguments."""
+    from gcrf.kernels.window import GatedWindow
+
+    def call(
+        features, kernel_slices, kernel_weights, kernel_pos_scales, radius,
+        mask_src=None, mask_dst=None,
+    ):  # fmt: skip
+        window = GatedWindow(
+            features, kernel_slices, kernel_weights, kernel_pos_scales, radius, mask_src, mask_dst
+        )
+        return backend_function(window)
+
+    return call

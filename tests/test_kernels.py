@@ -20,13 +20,20 @@ import pytest
 import torch
 
 from gcrf.kernels import gated_crf
-from gcrf.kernels.gated_crf import (
-    SUPPORTED_SPATIAL_RANKS,
-    gated_crf_pairwise_sum,
-    window_affinity,
-)
+from gcrf.kernels.gated_crf import SUPPORTED_SPATIAL_RANKS
+from gcrf.kernels.window import GatedWindow, PairwiseInputs
 from gcrf.loss import torch_backend
-from tests.loss_reference import naive_pairwise_sum, naive_window_affinity
+from tests.loss_reference import (
+    flat_pairwise_sum,
+    flat_window_affinity,
+    naive_pairwise_sum,
+    naive_window_affinity,
+)
+
+# The backends take the typed contract values; the tests pass their fields.
+gated_crf_pairwise_sum = flat_pairwise_sum(gated_crf.gated_crf_pairwise_sum)
+window_affinity = flat_window_affinity(gated_crf.window_affinity)
+torch_pairwise_sum = flat_pairwise_sum(torch_backend.gated_crf_pairwise_sum)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -159,9 +166,7 @@ def assert_matches_reference(inputs, window, upstream=0.37, rtol=2e-5, atol=1e-6
     """Value and gradient against the dense reference here, the loop reference of the loss tests and
     the torch backend."""
     value, grad = run_with_grad(gated_crf_pairwise_sum, inputs, window, upstream)
-    torch_value, torch_grad = run_with_grad(
-        torch_backend.gated_crf_pairwise_sum, inputs, window, upstream
-    )
+    torch_value, torch_grad = run_with_grad(torch_pairwise_sum, inputs, window, upstream)
     torch.testing.assert_close(value, torch_value, rtol=rtol, atol=atol)
     torch.testing.assert_close(grad, torch_grad, rtol=rtol, atol=atol)
     ref_value, ref_grad = run_with_grad(reference_pairwise_sum, inputs, window, upstream)
@@ -289,9 +294,7 @@ def test_low_precision_error_within_twice_torch_backend(dtype):
     inputs = make_inputs(masks="both", dtype=dtype, seed=13)
     window = {**TWO_KERNELS, "radius": 2}
     value, grad = run_with_grad(gated_crf_pairwise_sum, inputs, window, 0.9)
-    torch_value, torch_grad = run_with_grad(
-        torch_backend.gated_crf_pairwise_sum, inputs, window, 0.9
-    )
+    torch_value, torch_grad = run_with_grad(torch_pairwise_sum, inputs, window, 0.9)
     upcast = {**inputs, "probs": inputs["probs"].double()}
     ref_value, ref_grad = run_with_grad(reference_pairwise_sum, upcast, window, 0.9)
     assert grad.dtype == dtype
@@ -595,9 +598,7 @@ def test_cuda_realistic_shapes_match_torch_backend(size, dtype):
     inputs = {"probs": probs, "features": rgb, "mask_src": mask_src, "mask_dst": mask_src,
               "compatibility": None}  # fmt: skip
     value, grad = run_with_grad(gated_crf_pairwise_sum, inputs, REALISTIC_WINDOW, 1 / 17)
-    ref_value, ref_grad = run_with_grad(
-        torch_backend.gated_crf_pairwise_sum, inputs, REALISTIC_WINDOW, 1 / 17
-    )
+    ref_value, ref_grad = run_with_grad(torch_pairwise_sum, inputs, REALISTIC_WINDOW, 1 / 17)
     tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-3}
     torch.testing.assert_close(value, ref_value, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(grad.float(), ref_grad.float(), **tol)
@@ -648,3 +649,19 @@ def test_position_only_kernels_without_features(masks):
         "radius": 2,
     }
     assert_matches_reference(inputs, window, upstream=-0.8)
+
+
+def test_backends_take_the_typed_contract_only():
+    """Both backends consume the same typed values; loose arguments are refused by name."""
+    inputs = make_inputs(seed=21)
+    window = GatedWindow(inputs["features"], ((0, 3), (3, 3)), (1.0, 0.5), ((0.2,) * 2,) * 2, 1)
+    pairwise = PairwiseInputs(inputs["probs"], window)
+    expected = torch_backend.gated_crf_pairwise_sum(pairwise)
+    torch.testing.assert_close(gated_crf.gated_crf_pairwise_sum(pairwise), expected)
+    torch.testing.assert_close(
+        gated_crf.window_affinity(window), torch_backend.window_affinity(window)
+    )
+    with pytest.raises(TypeError, match="PairwiseInputs"):
+        gated_crf.gated_crf_pairwise_sum(window)
+    with pytest.raises(TypeError, match="GatedWindow"):
+        gated_crf.window_affinity(inputs["features"])

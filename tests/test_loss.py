@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gcrf.loss import GatedCRFLoss, gated_crf_loss
-from gcrf.loss.torch_backend import gated_crf_pairwise_sum, window_affinity
+from gcrf.loss import GatedCRFLoss, gated_crf_loss, torch_backend
 from tests.loss_reference import (
+    flat_pairwise_sum,
+    flat_window_affinity,
     naive_gated_crf_loss,
     naive_pairwise_sum,
     naive_window_affinity,
@@ -230,13 +231,15 @@ def test_backend_contract_against_naive(rank: int, masked: bool) -> None:
     mu = _rand(3, 3, seed=22) * (1 - torch.eye(3, dtype=torch.float64))
     for compatibility in (None, mu):
         args = (features, slices, weights, scales, 2, m_src, m_dst, compatibility)
-        ours = gated_crf_pairwise_sum(probs, *args)
+        ours = flat_pairwise_sum(torch_backend.gated_crf_pairwise_sum)(probs, *args)
         (g_ours,) = torch.autograd.grad(ours * 1.5, probs)
         ref = naive_pairwise_sum(probs, *args)
         (g_ref,) = torch.autograd.grad(ref * 1.5, probs)
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-10)
-    affinity = window_affinity(features, slices, weights, scales, 2, m_src, m_dst)
+    affinity = flat_window_affinity(torch_backend.window_affinity)(
+        features, slices, weights, scales, 2, m_src, m_dst
+    )
     expected = naive_window_affinity(features, slices, weights, scales, 2, m_src, m_dst)
     assert affinity.shape == (2, 5**rank, *spatial)
     torch.testing.assert_close(affinity, expected, rtol=1e-12, atol=1e-12)

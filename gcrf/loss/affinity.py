@@ -19,30 +19,19 @@ from gcrf.loss.backends import choose_backend, get_backend
 from gcrf.loss.functional import (
     Downsampler,
     KernelDescriptor,
+    LossConfig,
     PreparedInputs,
     prepare_inputs,
-    validate_downsamplers,
-    validate_kernels,
-    validate_radius,
-    validate_spacing,
 )
 
-__all__ = ["affinity_from_prepared", "gaussian_affinity", "kernels_vis"]
+__all__ = ["affinity_from_prepared", "affinity_of_config", "gaussian_affinity", "kernels_vis"]
 
 
 def affinity_from_prepared(prepared: PreparedInputs, backend: str = "auto") -> Tensor:
     """Dense window affinity N×(2r+1)^k×*S of prepared inputs (see :func:`gaussian_affinity`)."""
-    name = choose_backend(backend, prepared.probs, prepared.probs.dim() - 2)
-    _, window_affinity = get_backend(name)
-    return window_affinity(
-        prepared.features,
-        prepared.kernel_slices,
-        prepared.kernel_weights,
-        prepared.kernel_pos_scales,
-        prepared.radius,
-        prepared.mask_src,
-        prepared.mask_dst,
-    )
+    probs = prepared.pairwise.probs
+    _, window_affinity = get_backend(choose_backend(backend, probs, probs.dim() - 2))
+    return window_affinity(prepared.window)
 
 
 def _reference_shape(
@@ -72,6 +61,25 @@ def _reference_shape(
     else:
         batch, device, dtype = 1, torch.device("cpu"), torch.float32
     return batch, size, device, dtype
+
+
+def affinity_of_config(
+    features: Mapping[str, Tensor],
+    config: LossConfig,
+    size: Sequence[int] | None = None,
+    mask_src: Tensor | None = None,
+    mask_dst: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Dense window affinity of a validated loss configuration (see :func:`gaussian_affinity`)."""
+    batch, size, device, dtype = _reference_shape(
+        features, config.kernels, size, (mask_src, mask_dst)
+    )
+    # The loss' preparation only needs probs for its shape, device and dtype: a zero-stride stand-in.
+    stand_in = torch.zeros((), device=device, dtype=dtype).expand(batch, 1, *size)
+    return affinity_from_prepared(
+        prepare_inputs(stand_in, features, config, mask_src, mask_dst), backend
+    )
 
 
 def gaussian_affinity(
@@ -116,31 +124,17 @@ def gaussian_affinity(
         >>> patches.shape  # plt.imshow(patches[0, 0]) shows K around pixel (16, 16)
         torch.Size([1, 2, 11, 11])
     """
-    parsed = validate_kernels(kernels)
-    radius = validate_radius(radius)
-    batch, size, device, dtype = _reference_shape(features, parsed, size, (mask_src, mask_dst))
-    # The loss' preparation only needs probs for its shape, device and dtype: a zero-stride stand-in.
-    stand_in = torch.zeros((), device=device, dtype=dtype).expand(batch, 1, *size)
-    prepared = prepare_inputs(
-        stand_in,
-        features,
-        parsed,
-        radius,
-        mask_src,
-        mask_dst,
-        None,
-        validate_downsamplers(downsamplers),
-        validate_spacing(spacing),
-    )
-    dense = affinity_from_prepared(prepared, backend)
+    config = LossConfig.build(kernels, radius, None, downsamplers, spacing)
+    dense = affinity_of_config(features, config, size, mask_src, mask_dst, backend)
     if pixels is None:
         return dense
+    batch, size = dense.shape[0], tuple(dense.shape[2:])
     rank = len(size)
     coordinates = [tuple(int(c) for c in p) for p in pixels]
     for p in coordinates:
         if len(p) != rank or any(not 0 <= c < s for c, s in zip(p, size, strict=True)):
             raise ValueError(f"pixels must be {rank}-tuples inside {size}; got {p!r}")
-    diameter = 2 * radius + 1
+    diameter = 2 * config.radius + 1
     patches = [dense[(slice(None), slice(None), *p)] for p in coordinates]
     return torch.stack(patches, dim=1).reshape(batch, len(coordinates), *(diameter,) * rank)
 

@@ -23,13 +23,14 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gcrf.kernels.window import GatedWindow, PairwiseInputs, accumulation_dtype
 from gcrf.loss.backends import choose_backend, get_backend
 
 __all__ = [
@@ -37,7 +38,10 @@ __all__ = [
     "POSITION_KEYS",
     "Downsampler",
     "KernelDescriptor",
+    "LossConfig",
+    "PreparedInputs",
     "gated_crf_loss",
+    "prepare_inputs",
 ]
 
 #: The published kernel: colour (σ 0.1, in the units of the image tensor passed as ``"rgb"``) and
@@ -195,19 +199,49 @@ def validate_downsamplers(
 
 
 @dataclass(frozen=True)
-class PreparedInputs:
-    """Inputs of the backend contract (docs/CONTRACTS.md §1) plus the denominator D."""
+class LossConfig:
+    """The validated configuration of the loss: everything but the data (one value, built once).
 
-    probs: Tensor
-    features: Tensor
-    kernel_slices: tuple[tuple[int, int], ...]
-    kernel_weights: tuple[float, ...]
-    kernel_pos_scales: tuple[tuple[float, ...], ...]
+    Build it with :meth:`build`, which validates each part; :class:`gcrf.loss.GatedCRFLoss` keeps
+    one, the functional API and the drop-in class build one per call.
+    """
+
+    kernels: tuple[_Kernel, ...]
     radius: int
-    mask_src: Tensor | None
-    mask_dst: Tensor | None
-    compatibility: Tensor | None
+    compatibility: Tensor | None = None
+    downsamplers: Mapping[str, Downsampler] = field(default_factory=dict)
+    spacing: tuple[float, ...] | None = None
+
+    @classmethod
+    def build(
+        cls,
+        kernels: Sequence[KernelDescriptor],
+        radius: int = 5,
+        compatibility: Tensor | None = None,
+        downsamplers: Mapping[str, Downsampler] | None = None,
+        spacing: Sequence[float] | None = None,
+    ) -> LossConfig:
+        """Validate the user's configuration (``ValueError``/``TypeError`` naming the argument)."""
+        return cls(
+            kernels=validate_kernels(kernels),
+            radius=validate_radius(radius),
+            compatibility=validate_compatibility(compatibility),
+            downsamplers=validate_downsamplers(downsamplers),
+            spacing=validate_spacing(spacing),
+        )
+
+
+@dataclass(frozen=True)
+class PreparedInputs:
+    """What the front end hands a backend (docs/CONTRACTS.md §1), plus the denominator D."""
+
+    pairwise: PairwiseInputs
     denominator: Tensor
+
+    @property
+    def window(self) -> GatedWindow:
+        """The gated window (features, kernel tables, radius, gates)."""
+        return self.pairwise.window
 
 
 def _check_probs(probs: Any) -> None:
@@ -320,39 +354,22 @@ def _prepare_mask(
     return torch.where(resized >= 1.0, 1.0, 0.0).to(torch.float32)
 
 
-def prepare_inputs(
-    probs: Tensor,
-    features: Mapping[str, Tensor],
-    kernels: tuple[_Kernel, ...],
-    radius: int,
-    mask_src: Tensor | None,
-    mask_dst: Tensor | None,
-    compatibility: Tensor | None,
-    downsamplers: Mapping[str, Downsampler],
-    spacing: tuple[float, ...] | None,
-) -> PreparedInputs:
-    """Validate the data tensors and build the backend inputs (configuration already validated)."""
-    _check_probs(probs)
-    spatial_rank = probs.dim() - 2
-    size = tuple(probs.shape[2:])
-    num_classes = probs.shape[1]
-    acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
-    position_key = POSITION_KEYS[spatial_rank]
-
+def _check_features(features: Any) -> None:
     if not isinstance(features, Mapping):
         raise TypeError(
             "features must be a dict of modality name -> N×D×H×W tensor, e.g. {'rgb': images}; "
             f"got {type(features).__name__}"
         )
-    if spacing is not None and len(spacing) != spatial_rank:
-        raise ValueError(
-            f"spacing must have one value per spatial axis ({spatial_rank} for probs of "
-            f"{_describe(probs)}); got {spacing!r}"
-        )
 
-    # Every modality used by a kernel: present, well-formed, one input size shared by all.
+
+def _used_modalities(
+    probs: Tensor, features: Mapping[str, Tensor], config: LossConfig
+) -> list[str]:
+    """Names of the modalities the kernels use, in order; each must be in ``features``."""
+    spatial_rank = probs.dim() - 2
+    position_key = POSITION_KEYS[spatial_rank]
     used: list[str] = []
-    for index, kernel in enumerate(kernels):
+    for index, kernel in enumerate(config.kernels):
         if kernel.position_key is not None and kernel.position_key != position_key:
             raise ValueError(
                 f"kernels[{index}] uses the position term {kernel.position_key!r}, but probs have "
@@ -366,8 +383,19 @@ def prepare_inputs(
                 )
             if name not in used:
                 used.append(name)
+    return used
+
+
+def _input_ratio_of(
+    probs: Tensor,
+    features: Mapping[str, Tensor],
+    used: Sequence[str],
+    masks: Sequence[tuple[str, Tensor | None]],
+) -> tuple[int, ...]:
+    """Input/prediction size ratio per axis, from the used modalities (one size for all), else a
+    mask, else 1 (then ``spacing`` is the size of a prediction voxel)."""
     input_shape: tuple[int, ...] | None = None
-    ratio: tuple[int, ...] = (1,) * spatial_rank
+    ratio: tuple[int, ...] = (1,) * (probs.dim() - 2)
     for name in used:
         ratio = _check_map(f"features[{name!r}]", features[name], probs, channels=None)
         shape = tuple(features[name].shape[2:])
@@ -378,17 +406,47 @@ def prepare_inputs(
             )
         input_shape = shape
     if input_shape is None:
-        # No feature maps: the input resolution is known from a mask if any, else it is the
-        # prediction resolution (then `spacing` is the size of a prediction voxel).
-        for name, mask in (("mask_src", mask_src), ("mask_dst", mask_dst)):
+        for name, mask in masks:
             if isinstance(mask, Tensor) and mask.dim() == probs.dim():
-                ratio = _check_map(name, mask, probs, channels=1, allow_bool=True)
-                break
+                return _check_map(name, mask, probs, channels=1, allow_bool=True)
+    return ratio
 
-    # Feature channels: for each kernel, each of its modalities divided by σ, concatenated.
+
+def _position_scales(config: LossConfig, ratio: tuple[int, ...]) -> tuple[tuple[float, ...], ...]:
+    """Per kernel, per axis: the factor turning an offset in prediction pixels into σ units."""
+    rank = len(ratio)
+    scales: list[tuple[float, ...]] = []
+    for kernel in config.kernels:
+        if kernel.position_key is None:
+            scales.append((0.0,) * rank)
+        elif config.spacing is None:
+            scales.append((1.0 / kernel.position_sigma,) * rank)
+        else:
+            scales.append(
+                tuple(
+                    s * r / kernel.position_sigma
+                    for s, r in zip(config.spacing, ratio, strict=True)
+                )
+            )
+    return tuple(scales)
+
+
+def prepare_features(
+    probs: Tensor,
+    features: Mapping[str, Tensor],
+    config: LossConfig,
+    used: Sequence[str],
+) -> tuple[Tensor, tuple[tuple[int, int], ...]]:
+    """Each kernel's modalities resized to the prediction size, divided by σ, concatenated.
+
+    Returns the N×F×*S feature tensor (float32, float64 for float64 probs; F may be 0) and each
+    kernel's ``[start, stop)`` channel range in it.
+    """
+    size = tuple(probs.shape[2:])
+    acc = accumulation_dtype(probs.dtype)
     resized: dict[str, Tensor] = {}
     for name in used:
-        tensor = _resize(name, features[name].to(acc), size, downsamplers.get(name))
+        tensor = _resize(name, features[name].to(acc), size, config.downsamplers.get(name))
         if not _is_compiling() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(
                 f"features[{name!r}] has NaN or infinite values (after resizing to {size}); "
@@ -397,80 +455,102 @@ def prepare_inputs(
         resized[name] = tensor
     chunks: list[Tensor] = []
     slices: list[tuple[int, int]] = []
-    pos_scales: list[tuple[float, ...]] = []
     start = 0
-    for kernel in kernels:
+    for kernel in config.kernels:
         for name, sigma in kernel.modalities:
             chunks.append(resized[name] / sigma)
         stop = start + sum(resized[name].shape[1] for name, _ in kernel.modalities)
         slices.append((start, stop))
         start = stop
-        if kernel.position_key is None:
-            pos_scales.append((0.0,) * spatial_rank)
-        elif spacing is None:
-            pos_scales.append((1.0 / kernel.position_sigma,) * spatial_rank)
-        else:
-            pos_scales.append(
-                tuple(s * r / kernel.position_sigma for s, r in zip(spacing, ratio, strict=True))
-            )
-    if chunks:
-        prepared_features = torch.cat(chunks, dim=1).contiguous()
-    else:
-        prepared_features = probs.new_zeros((probs.shape[0], 0, *size), dtype=acc)
+    if not chunks:
+        return probs.new_zeros((probs.shape[0], 0, *size), dtype=acc), tuple(slices)
+    return torch.cat(chunks, dim=1).contiguous(), tuple(slices)
 
-    prepared_src = _prepare_mask("mask_src", mask_src, probs, downsamplers.get("mask"))
-    prepared_dst = _prepare_mask("mask_dst", mask_dst, probs, downsamplers.get("mask"))
-    # D rules (DESIGN §1.5): mask_dst wins over mask_src, which wins over N·|S|.
-    if prepared_dst is not None:
-        denominator = prepared_dst.sum(dtype=acc).clamp(min=1.0)
-    elif prepared_src is not None:
-        denominator = prepared_src.sum(dtype=acc).clamp(min=1.0)
-    else:
-        denominator = torch.tensor(float(math.prod(probs.shape[:1] + probs.shape[2:])), dtype=acc)
-        denominator = denominator.to(probs.device)
 
-    mu_hat = None
-    if compatibility is not None:
-        if tuple(compatibility.shape) != (num_classes, num_classes):
-            raise ValueError(
-                f"compatibility must be C×C = {num_classes}×{num_classes} for probs of "
-                f"{_describe(probs)}; got {_describe(compatibility)}"
-            )
-        mu = compatibility.detach().to(device=probs.device, dtype=acc)
-        row_sum = mu.sum(dim=1, keepdim=True)
-        # μ̂ = (C−1)·μ/rowsum(μ); an all-zero row (a class compatible with every other) stays zero.
-        mu_hat = torch.where(row_sum > 0, (num_classes - 1) * mu / row_sum.clamp(min=1e-30), 0.0)
-        mu_hat = mu_hat.contiguous()
-
-    return PreparedInputs(
-        probs=probs,
-        features=prepared_features,
-        kernel_slices=tuple(slices),
-        kernel_weights=tuple(k.weight for k in kernels),
-        kernel_pos_scales=tuple(pos_scales),
-        radius=radius,
-        mask_src=prepared_src,
-        mask_dst=prepared_dst,
-        compatibility=mu_hat,
-        denominator=denominator,
+def prepare_gates(
+    probs: Tensor,
+    mask_src: Tensor | None,
+    mask_dst: Tensor | None,
+    downsampler: Downsampler | None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Both masks resized to the prediction size and binarised (DESIGN §1.4), float32 0/1."""
+    return (
+        _prepare_mask("mask_src", mask_src, probs, downsampler),
+        _prepare_mask("mask_dst", mask_dst, probs, downsampler),
     )
+
+
+def denominator(probs: Tensor, mask_src: Tensor | None, mask_dst: Tensor | None) -> Tensor:
+    """D (DESIGN §1.5) of prepared gates: mask_dst wins over mask_src, which wins over N·|S|."""
+    acc = accumulation_dtype(probs.dtype)
+    if mask_dst is not None:
+        return mask_dst.sum(dtype=acc).clamp(min=1.0)
+    if mask_src is not None:
+        return mask_src.sum(dtype=acc).clamp(min=1.0)
+    count = float(math.prod(probs.shape[:1] + probs.shape[2:]))
+    return torch.tensor(count, dtype=acc, device=probs.device)
+
+
+def normalise_compatibility(compatibility: Tensor | None, probs: Tensor) -> Tensor | None:
+    """μ̂ = (C−1)·μ/rowsum(μ) on probs' device in the accumulation dtype (None stays None)."""
+    if compatibility is None:
+        return None
+    num_classes = probs.shape[1]
+    if tuple(compatibility.shape) != (num_classes, num_classes):
+        raise ValueError(
+            f"compatibility must be C×C = {num_classes}×{num_classes} for probs of "
+            f"{_describe(probs)}; got {_describe(compatibility)}"
+        )
+    mu = compatibility.detach().to(device=probs.device, dtype=accumulation_dtype(probs.dtype))
+    row_sum = mu.sum(dim=1, keepdim=True)
+    # An all-zero row (a class compatible with every other) stays zero.
+    mu_hat = torch.where(row_sum > 0, (num_classes - 1) * mu / row_sum.clamp(min=1e-30), 0.0)
+    return mu_hat.contiguous()
+
+
+def prepare_inputs(
+    probs: Tensor,
+    features: Mapping[str, Tensor],
+    config: LossConfig,
+    mask_src: Tensor | None = None,
+    mask_dst: Tensor | None = None,
+) -> PreparedInputs:
+    """Validate the data tensors and build the backend inputs and D (configuration validated).
+
+    The four parts, each its own function: features (:func:`prepare_features`), gates
+    (:func:`prepare_gates`), denominator (:func:`denominator`), compatibility
+    (:func:`normalise_compatibility`).
+    """
+    _check_probs(probs)
+    _check_features(features)
+    spatial_rank = probs.dim() - 2
+    if config.spacing is not None and len(config.spacing) != spatial_rank:
+        raise ValueError(
+            f"spacing must have one value per spatial axis ({spatial_rank} for probs of "
+            f"{_describe(probs)}); got {config.spacing!r}"
+        )
+    used = _used_modalities(probs, features, config)
+    ratio = _input_ratio_of(probs, features, used, (("mask_src", mask_src), ("mask_dst", mask_dst)))
+    prepared_features, slices = prepare_features(probs, features, config, used)
+    gate_src, gate_dst = prepare_gates(probs, mask_src, mask_dst, config.downsamplers.get("mask"))
+    window = GatedWindow(
+        features=prepared_features,
+        kernel_slices=slices,
+        kernel_weights=tuple(k.weight for k in config.kernels),
+        kernel_pos_scales=_position_scales(config, ratio),
+        radius=config.radius,
+        mask_src=gate_src,
+        mask_dst=gate_dst,
+    )
+    pairwise = PairwiseInputs(probs, window, normalise_compatibility(config.compatibility, probs))
+    return PreparedInputs(pairwise, denominator(probs, gate_src, gate_dst))
 
 
 def loss_from_prepared(prepared: PreparedInputs, backend: str) -> Tensor:
     """S / D with the backend resolved from ``backend`` ("auto", "triton" or "torch")."""
-    name = choose_backend(backend, prepared.probs, prepared.probs.dim() - 2)
-    pairwise_sum, _ = get_backend(name)
-    total = pairwise_sum(
-        prepared.probs,
-        prepared.features,
-        prepared.kernel_slices,
-        prepared.kernel_weights,
-        prepared.kernel_pos_scales,
-        prepared.radius,
-        prepared.mask_src,
-        prepared.mask_dst,
-        prepared.compatibility,
-    )
+    probs = prepared.pairwise.probs
+    pairwise_sum, _ = get_backend(choose_backend(backend, probs, probs.dim() - 2))
+    total = pairwise_sum(prepared.pairwise)
     return total / prepared.denominator.to(total.dtype)
 
 
@@ -526,15 +606,5 @@ def gated_crf_loss(
         >>> probs = torch.softmax(torch.randn(2, 5, 16, 16), dim=1)
         >>> loss = gated_crf_loss(probs, {"rgb": images}, [{"weight": 1, "xy": 6, "rgb": 0.1}], 5)
     """
-    prepared = prepare_inputs(
-        probs,
-        features,
-        validate_kernels(kernels),
-        validate_radius(radius),
-        mask_src,
-        mask_dst,
-        validate_compatibility(compatibility),
-        validate_downsamplers(downsamplers),
-        validate_spacing(spacing),
-    )
-    return loss_from_prepared(prepared, backend)
+    config = LossConfig.build(kernels, radius, compatibility, downsamplers, spacing)
+    return loss_from_prepared(prepare_inputs(probs, features, config, mask_src, mask_dst), backend)

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from torch import Tensor, nn
 
-from gcrf.loss.affinity import gaussian_affinity, kernels_vis
+from gcrf.loss.affinity import affinity_of_config, kernels_vis
 from gcrf.loss.backends import check_backend_name, preload_backends
 from gcrf.loss.functional import (
     Downsampler,
     KernelDescriptor,
+    LossConfig,
     loss_from_prepared,
     prepare_inputs,
-    validate_compatibility,
-    validate_downsamplers,
-    validate_kernels,
-    validate_radius,
-    validate_spacing,
 )
 
 __all__ = ["GatedCRFLoss"]
@@ -63,17 +60,15 @@ class GatedCRFLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self._kernels = validate_kernels(kernels)
+        config = LossConfig.build(kernels, radius, compatibility, downsamplers, spacing)
         self._kernels_desc = [dict(k) for k in kernels]
-        self.radius = validate_radius(radius)
-        compatibility = validate_compatibility(compatibility)
+        # μ is a buffer (it follows .to(device)); the rest of the configuration is held once here.
         self.register_buffer(
             "compatibility",
-            None if compatibility is None else compatibility.detach().clone(),
+            None if config.compatibility is None else config.compatibility.detach().clone(),
             persistent=False,
         )
-        self.downsamplers = validate_downsamplers(downsamplers)
-        self.spacing = validate_spacing(spacing)
+        self._config = replace(config, compatibility=None)
         self.backend = check_backend_name(backend)
         if backend != "torch":
             preload_backends()
@@ -86,18 +81,28 @@ class GatedCRFLoss(nn.Module):
         mask_dst: Tensor | None = None,
     ) -> Tensor:
         """Loss value (0-dim; float32, float64 for float64 probs), differentiable w.r.t. probs."""
-        prepared = prepare_inputs(
-            probs,
-            features,
-            self._kernels,
-            self.radius,
-            mask_src,
-            mask_dst,
-            self.compatibility,
-            self.downsamplers,
-            self.spacing,
-        )
+        prepared = prepare_inputs(probs, features, self.config, mask_src, mask_dst)
         return loss_from_prepared(prepared, self.backend)
+
+    @property
+    def config(self) -> LossConfig:
+        """The validated configuration, with the compatibility buffer on its current device."""
+        return replace(self._config, compatibility=self.compatibility)
+
+    @property
+    def radius(self) -> int:
+        """Window radius r."""
+        return self._config.radius
+
+    @property
+    def spacing(self) -> tuple[float, ...] | None:
+        """Physical size of one input voxel per axis, or None."""
+        return self._config.spacing
+
+    @property
+    def downsamplers(self) -> dict[str, Downsampler]:
+        """Modality name → downsampler replacing area resizing."""
+        return dict(self._config.downsamplers)
 
     def affinity(
         self,
@@ -119,17 +124,10 @@ class GatedCRFLoss(nn.Module):
         Shape:
             Returns N×(2r+1)^k×*size.
         """
-        return gaussian_affinity(
-            features,
-            self._kernels_desc,
-            self.radius,
-            size=size,
-            mask_src=mask_src,
-            mask_dst=mask_dst,
-            downsamplers=self.downsamplers,
-            spacing=self.spacing,
+        return affinity_of_config(
+            features, self.config, size=size, mask_src=mask_src, mask_dst=mask_dst,
             backend=self.backend,
-        )
+        )  # fmt: skip
 
     def kernels_vis(
         self,

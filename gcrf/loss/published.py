@@ -25,6 +25,7 @@ from gcrf.loss.backends import check_backend_name
 from gcrf.loss.functional import (
     Downsampler,
     KernelDescriptor,
+    LossConfig,
     loss_from_prepared,
     prepare_inputs,
     validate_compatibility,
@@ -121,17 +122,13 @@ class ModelLossSemsegGatedCRF(nn.Module):
                 f"sample must be a dict of modalities or an N×D×H×W tensor; got "
                 f"{type(sample).__name__}"
             )
-        prepared = prepare_inputs(
-            y_hat_softmax,
-            sample,
-            kernels,
-            validate_radius(kernels_radius),
-            mask_src,
-            mask_dst,
-            validate_compatibility(compatibility),
-            validate_downsamplers(custom_modality_downsamplers),
-            None,
+        config = LossConfig(
+            kernels=kernels,
+            radius=validate_radius(kernels_radius),
+            compatibility=validate_compatibility(compatibility),
+            downsamplers=validate_downsamplers(custom_modality_downsamplers),
         )
+        prepared = prepare_inputs(y_hat_softmax, sample, config, mask_src, mask_dst)
         out: dict[str, Tensor | None] = {
             "loss": loss_from_prepared(prepared, self.backend),
             "kernels_vis": None,
@@ -139,6 +136,6 @@ class ModelLossSemsegGatedCRF(nn.Module):
         if out_kernels_vis:
             affinity = affinity_from_prepared(prepared, self.backend)
             out["kernels_vis"] = kernels_vis(
-                affinity, prepared.radius, (int(height_input), int(width_input))
+                affinity, config.radius, (int(height_input), int(width_input))
             )
         return out

@@ -47,7 +47,15 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["gated_crf_pairwise_sum", "window_affinity", "window_offsets"]
+from gcrf.kernels.window import GatedWindow, PairwiseInputs, accumulation_dtype
+
+__all__ = [
+    "GatedWindow",
+    "PairwiseInputs",
+    "gated_crf_pairwise_sum",
+    "window_affinity",
+    "window_offsets",
+]
 
 
 def window_offsets(radius: int, spatial_rank: int) -> list[tuple[int, ...]]:
@@ -251,7 +259,7 @@ class _PairwiseSum(torch.autograd.Function):
         mask_dst: Tensor | None,
         compatibility: Tensor | None,
     ) -> Tensor:
-        acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(probs.dtype)
         needs_grad = ctx.needs_input_grad[0]
         total, grad = _sweep(
             probs.to(acc),
@@ -278,33 +286,16 @@ class _PairwiseSum(torch.autograd.Function):
         return grad_probs, None, None, None, None, None, None, None, None
 
 
-def gated_crf_pairwise_sum(
-    probs: Tensor,
-    features: Tensor,
-    kernel_slices: tuple[tuple[int, int], ...],
-    kernel_weights: tuple[float, ...],
-    kernel_pos_scales: tuple[tuple[float, ...], ...],
-    radius: int,
-    mask_src: Tensor | None,
-    mask_dst: Tensor | None,
-    compatibility: Tensor | None,
-) -> Tensor:
+def gated_crf_pairwise_sum(inputs: PairwiseInputs) -> Tensor:
     """Gated pairwise sum ``S`` of the Gated CRF loss (docs/CONTRACTS.md §1), PyTorch backend.
 
-    Inputs are the prepared tensors of ``gcrf.loss`` (validated, resized, features divided by σ);
-    this function does not validate them. Differentiable w.r.t. ``probs`` only.
+    ``S = Σ_n Σ_i Σ_{j ∈ W(i)} G_ij K_ij φ(y_i, y_j)`` with ``φ = 1 − ⟨y_i, y_j⟩`` (Potts) or
+    ``y_iᵀ μ̂ y_j`` (module docstring). The inputs checked their own consistency when built.
+    Differentiable w.r.t. ``inputs.probs`` only.
 
     Args:
-        probs: class probabilities; fp16/bf16/fp32/fp64.
-        features: per-pixel features, each kernel's channels already divided by its σ.
-        kernel_slices: per kernel, the ``[start, stop)`` channel range in ``features``.
-        kernel_weights: per kernel, ``w_k ≥ 0``.
-        kernel_pos_scales: per kernel, per spatial axis, the factor turning an offset in pixels into
-            σ units (all 0.0 for a kernel without a position term).
-        radius: window radius ``r ≥ 1``.
-        mask_src: gate of the neighbour ``j`` (0/1), or None.
-        mask_dst: gate of the centre ``i`` (0/1), or None.
-        compatibility: normalised ``μ̂`` (C×C), or None for Potts.
+        inputs: probabilities, the gated window (features already divided by σ, kernel tables,
+            radius, 0/1 gates) and the normalised compatibility μ̂ or None.
 
     Shape:
         probs: N×C×*S with S = (h, w) or (d, h, w); features: N×F×*S; masks: N×1×*S.
@@ -314,34 +305,28 @@ def gated_crf_pairwise_sum(
 
     Example:
         >>> y = torch.softmax(torch.randn(1, 3, 8, 8), 1)
-        >>> f = torch.randn(1, 3, 8, 8)
-        >>> s = gated_crf_pairwise_sum(y, f, ((0, 3),), (1.0,), ((1 / 6, 1 / 6),), 2, None, None, None)
+        >>> window = GatedWindow(torch.randn(1, 3, 8, 8), ((0, 3),), (1.0,), ((1 / 6, 1 / 6),), 2)
+        >>> s = gated_crf_pairwise_sum(PairwiseInputs(y, window))
     """
+    window = inputs.window
     return _PairwiseSum.apply(
-        probs,
-        features,
-        tuple(tuple(int(v) for v in s) for s in kernel_slices),
-        tuple(float(w) for w in kernel_weights),
-        tuple(tuple(float(v) for v in s) for s in kernel_pos_scales),
-        int(radius),
-        mask_src,
-        mask_dst,
-        compatibility,
+        inputs.probs,
+        window.features,
+        window.kernel_slices,
+        window.kernel_weights,
+        window.kernel_pos_scales,
+        window.radius,
+        window.mask_src,
+        window.mask_dst,
+        inputs.compatibility,
     )
 
 
-def window_affinity(
-    features: Tensor,
-    kernel_slices: tuple[tuple[int, int], ...],
-    kernel_weights: tuple[float, ...],
-    kernel_pos_scales: tuple[tuple[float, ...], ...],
-    radius: int,
-    mask_src: Tensor | None,
-    mask_dst: Tensor | None,
-) -> Tensor:
+def window_affinity(window: GatedWindow) -> Tensor:
     """Gated affinity ``G_ij · K_ij`` of every pixel to every window offset (CONTRACTS §1).
 
-    Args: as :func:`gated_crf_pairwise_sum`, without probs and compatibility.
+    Args:
+        window: the gated window (features already divided by σ, kernel tables, radius, gates).
 
     Shape:
         features: N×F×*S → returns N×(2r+1)^k×*S (k = len(S)); entry ``[n, o, i]`` is for
@@ -352,11 +337,15 @@ def window_affinity(
         float32 tensor (float64 for float64 features).
 
     Example:
-        >>> a = window_affinity(torch.randn(1, 3, 8, 8), ((0, 3),), (1.0,), ((0.0, 0.0),), 1, None, None)
-        >>> a.shape
+        >>> window = GatedWindow(torch.randn(1, 3, 8, 8), ((0, 3),), (1.0,), ((0.0, 0.0),), 1)
+        >>> window_affinity(window).shape
         torch.Size([1, 9, 8, 8])
     """
-    acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+    features, radius = window.features, window.radius
+    kernel_slices, kernel_weights = window.kernel_slices, window.kernel_weights
+    kernel_pos_scales = window.kernel_pos_scales
+    mask_src, mask_dst = window.mask_src, window.mask_dst
+    acc = accumulation_dtype(features.dtype)
     features = features.to(acc)
     spatial_shape = tuple(features.shape[2:])
     offsets = window_offsets(int(radius), len(spatial_shape))
