@@ -411,6 +411,59 @@ def test_missing_click_file_gives_the_command(tree) -> None:
         _module(root).setup("fit")
 
 
+def test_published_click_file_is_read_as_it_is(tree, tmp_path) -> None:
+    """The published ``cityscapes_synthetic_clicks.json``: label ids, one file, no sidecar."""
+    root, names = tree
+    # Per image: a car (26 → 13), a road (7 → 0), ground (6, no train id) and a license
+    # plate (-1): the last two are dropped, as the published loader drops them.
+    content = {
+        name: [
+            {"cls": 26, "x": 3.0 + k, "y": 4.0},
+            {"cls": 6, "x": 1.0, "y": 1.0},
+            {"cls": 7, "x": 5.5, "y": 2.25 + k},
+            {"cls": -1, "x": 0.0, "y": 0.0},
+        ]
+        for split in ("train", "val")
+        for k, name in enumerate(names[split])
+    }
+    published = tmp_path / "cityscapes_synthetic_clicks.json"
+    published.write_text(json.dumps(content))
+    module = _module(root, clicks_file=str(published))
+    assert module.resolved_clicks_format() == "published"
+    module.setup("fit")
+    for split, raw in (("train", module.train_raw), ("val", module.val_raw)):
+        for index, name in enumerate(names[split]):
+            got = [(c, p.tolist()) for c, p in raw[index]["clicks"]]
+            entries = content[name]
+            assert got == [
+                (13, [entries[0]["x"], entries[0]["y"]]),
+                (0, [entries[2]["x"], entries[2]["y"]]),
+            ]
+    # A renamed copy is read the same way when asked for.
+    renamed = tmp_path / "clicks.json"
+    renamed.write_bytes(published.read_bytes())
+    again = _module(root, clicks_file=str(renamed), clicks_format="published")
+    again.setup("fit")
+    assert [c for c, _ in again.val_raw[0]["clicks"]] == [13, 0]
+    # Without the flag, a file of another name is a gcrf file, which needs its sidecar.
+    with pytest.raises(FileNotFoundError, match=r"clicks\.json\.meta\.json"):
+        _module(root, clicks_file=str(renamed)).setup("fit")
+
+
+def test_published_click_file_errors(tree, tmp_path) -> None:
+    root, names = tree
+    path = tmp_path / "cityscapes_synthetic_clicks.json"
+    everything = [*names["train"], *names["val"]]
+    path.write_text(json.dumps({n: [{"cls": 26, "x": 1, "y": 1}] for n in everything[1:]}))
+    with pytest.raises(ValueError, match=rf"no entry for 1 .*{everything[0]}"):
+        _module(root, clicks_file=str(path)).setup("fit")
+    path.write_text(json.dumps({n: [{"cls": 40, "x": 1, "y": 1}] for n in everything}))
+    with pytest.raises(ValueError, match="class 40, which is no Cityscapes label id"):
+        _module(root, clicks_file=str(path)).setup("fit")
+    with pytest.raises(ValueError, match="clicks_format must be one of"):
+        _module(root, clicks_format="voc")
+
+
 def _edit_click_file(path: Path, edit, update_sidecar: bool) -> None:
     """Rewrite a generated click file through ``edit(content)``, its sidecar's sha256 optionally."""
     content = json.loads(path.read_bytes())

@@ -256,8 +256,6 @@ def test_scribble_archive_is_verified_against_the_manifest(tree, tmp_path) -> No
 
 
 def test_offline_machine_gets_the_url_and_the_place(tmp_path, monkeypatch) -> None:
-    import torchvision.datasets.utils as tv_utils
-
     url = json.loads((voc.DATASETS_DIR / "scribblesup.json").read_text())["url"]
     with pytest.raises(FileNotFoundError) as info:
         voc.ensure_scribbles(tmp_path, download=False)
@@ -266,7 +264,7 @@ def test_offline_machine_gets_the_url_and_the_place(tmp_path, monkeypatch) -> No
     def offline(*args, **kwargs):
         raise OSError("Temporary failure in name resolution")
 
-    monkeypatch.setattr(tv_utils, "download_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(FileNotFoundError, match="could not download") as info:
         voc.ensure_scribbles(tmp_path, download=True)
     assert url in str(info.value) and "name resolution" in str(info.value)
@@ -284,6 +282,68 @@ def test_scribbles_are_read_from_inside_the_zip(tree) -> None:
     (root / "bad.zip").write_bytes(buffer.getvalue())
     with pytest.raises(ValueError, match=r"pascal_2012/x\.xml"):
         voc.load_scribbles(root / "bad.zip")
+
+
+def test_published_scribbles_zip_is_read_as_it_is(tree, tmp_path) -> None:
+    """``datasets/voc_scribbles.zip`` of the published repository: ``<image>.xml`` at the root."""
+    root, _ = tree
+    reference = voc.load_scribbles(root / "scribble_annotation.zip")
+    published = tmp_path / "voc_scribbles.zip"
+    with (
+        zipfile.ZipFile(root / "scribble_annotation.zip") as source,
+        zipfile.ZipFile(published, "w") as archive,
+    ):
+        for member in source.namelist():
+            archive.writestr(Path(member).name, source.read(member))
+        archive.writestr("__MACOSX/._2007_000033.xml", b"\x00\x05\x16\x07 resource fork")
+    (root / "scribble_annotation.zip").unlink()  # not needed, not downloaded
+    dm = module(root, scribbles_file=str(published))
+    dm.setup("fit")
+    by_name = {r.name: i for i, r in enumerate(dm.train_raw.records)}
+    assert set(dm.train_raw.scribbles) == set(reference)
+    for name, expected in reference.items():
+        got = dm.train_raw.scribbles[name]
+        assert [c for c, _ in got] == [c for c, _ in expected]
+        for (_, points), (_, want) in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(points, want)
+    name = next(n for n in by_name if n in reference)
+    assert [c for c, _ in dm.train_raw[by_name[name]]["scribbles"]] == [0, 8]
+
+
+def test_scribble_file_errors_name_the_file(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.zip"):
+        voc.load_scribbles(tmp_path / "nowhere.zip")
+    (tmp_path / "plain.zip").write_text("not a zip")
+    with pytest.raises(ValueError, match=r"plain\.zip is not a zip"):
+        voc.load_scribbles(tmp_path / "plain.zip")
+    with zipfile.ZipFile(tmp_path / "empty.zip", "w") as archive:
+        archive.writestr("readme.txt", "no scribbles here")
+    with pytest.raises(ValueError, match=r"empty\.zip holds no ScribbleSup \.xml.*readme\.txt"):
+        voc.load_scribbles(tmp_path / "empty.zip")
+
+
+def test_scribble_download_is_hash_checked_on_the_way_in(tree, tmp_path) -> None:
+    """torch.hub's transfer with the manifest's sha256: a wrong file never lands in place."""
+    root, _ = tree
+    remote = tmp_path / "remote" / "scribble_annotation.zip"
+    remote.parent.mkdir()
+    remote.write_bytes((root / "scribble_annotation.zip").read_bytes())
+    digest = hashlib.sha256(remote.read_bytes()).hexdigest()
+    entry = json.loads(_manifest(tmp_path, digest).read_text())
+    entry["url"] = remote.as_uri()
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(entry))
+    target = tmp_path / "data"
+    placed = voc.ensure_scribbles(target, download=True, manifest=good)
+    assert placed == target / "scribble_annotation.zip"
+    assert placed.read_bytes() == remote.read_bytes()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**entry, "sha256": "0" * 64}))
+    elsewhere = tmp_path / "elsewhere"
+    with pytest.raises(ValueError, match=rf"has sha256 {digest}, the manifest expects 0{{64}}"):
+        voc.ensure_scribbles(elsewhere, download=True, manifest=bad)
+    assert not (elsewhere / "scribble_annotation.zip").exists()
+    assert list(elsewhere.iterdir()) == []  # no partial file left behind
 
 
 # ------------------------------------------------------------------------ real click files

@@ -31,12 +31,9 @@ and Valvano et al. (2021) for the scribbles.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +44,7 @@ from torch.utils.data import Dataset
 
 from gcrf.conventions import IGNORE_INDEX
 from gcrf.data.datamodule import DATASETS_DIR, WeakSegmentationDataModule
+from gcrf.data.downloads import download_verified, file_sha256
 from gcrf.data.transforms import AugmentationConfig, RandomRotateFlipResize, SampleTransform
 
 __all__ = [
@@ -114,14 +112,6 @@ def read_manifest(path: str | Path | None = None) -> dict[str, Any]:
     return manifest
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _where_to_get(root: Path, manifest: dict[str, Any]) -> str:
     return (
         f"Fetch the folder data/ACDC of {manifest['repository']} at commit {manifest['commit']} "
@@ -148,7 +138,7 @@ def verify_acdc(root: str | Path, manifest: dict[str, Any] | None = None) -> int
         path = root / relative
         if not path.is_file():
             raise FileNotFoundError(f"ACDC file {path} is missing. {_where_to_get(root, manifest)}")
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if digest != expected:
             raise ValueError(
                 f"ACDC file {path} has sha256 {digest}, the manifest expects {expected} "
@@ -160,8 +150,8 @@ def verify_acdc(root: str | Path, manifest: dict[str, Any] | None = None) -> int
 def download_acdc(root: str | Path, manifest: dict[str, Any] | None = None) -> int:
     """Fetch the files of the manifest missing under ``root``, each checked against its sha256.
 
-    Uses ``torch.hub.download_url_to_file`` with the sha256 as its hash check; a file arrives in
-    place only once its hash matched.
+    Uses :func:`gcrf.data.downloads.download_verified` (``torch.hub.download_url_to_file`` with the
+    sha256 as its hash check): a file arrives in place only once its hash matched.
 
     Returns:
         The number of files downloaded.
@@ -174,26 +164,13 @@ def download_acdc(root: str | Path, manifest: dict[str, Any] | None = None) -> i
     manifest = manifest if manifest is not None else read_manifest()
     missing = [r for r in manifest["files"] if not (root / r).is_file()]
     for count, relative in enumerate(missing, 1):
-        target = root / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
         url = manifest["url"].format(commit=manifest["commit"], path=relative)
-        expected = manifest["files"][relative]
-        with tempfile.TemporaryDirectory(dir=target.parent) as folder:
-            partial = Path(folder) / target.name
-            try:
-                torch.hub.download_url_to_file(url, str(partial), progress=False)
-            except OSError as error:
-                raise FileNotFoundError(
-                    f"could not download {url} ({type(error).__name__}: {error}). "
-                    f"{_where_to_get(root, manifest)}"
-                ) from error
-            digest = _sha256(partial)
-            if digest != expected:
-                raise ValueError(
-                    f"downloaded ACDC file {relative} ({url}) has sha256 {digest}, the manifest "
-                    f"expects {expected}"
-                )
-            shutil.move(str(partial), target)
+        try:
+            download_verified(
+                url, root / relative, manifest["files"][relative], what=f"ACDC file {relative}"
+            )
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{error} {_where_to_get(root, manifest)}") from error
         if count % 200 == 0:
             logger.info("ACDC: %d/%d files downloaded", count, len(missing))
     return len(missing)

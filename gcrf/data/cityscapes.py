@@ -25,7 +25,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -39,6 +39,7 @@ from gcrf.data.weak_labels import Click, load_click_file
 __all__ = [
     "CITYSCAPES_AUGMENTATION",
     "CITYSCAPES_URL",
+    "CLICK_FORMATS",
     "LABEL_ID_TO_TRAIN_ID",
     "SPLITS",
     "SPLIT_SIZES",
@@ -52,6 +53,7 @@ __all__ = [
     "label_ids_to_train_ids",
     "list_split",
     "load_cityscapes_clicks",
+    "load_published_cityscapes_clicks",
     "read_id_png",
 ]
 
@@ -59,6 +61,11 @@ log = logging.getLogger(__name__)
 
 #: Where Cityscapes is obtained (free registration).
 CITYSCAPES_URL = "https://www.cityscapes-dataset.com/"
+
+#: How a click file is read: written by gcrf.data.cityscapes_clicks, or the published file.
+CLICK_FORMATS: tuple[str, ...] = ("gcrf", "published")
+#: File names of the published click file (its ``datasets/cityscapes_synthetic_clicks.json``).
+PUBLISHED_CLICK_NAMES = ("cityscapes_synthetic_clicks.json", "cityscapes_synthetic_clicks.json.gz")
 
 #: Splits with public fine annotations.
 SPLITS: tuple[str, ...] = ("train", "val")
@@ -308,6 +315,52 @@ def load_cityscapes_clicks(
     return {name: clicks[name] for name in image_names}
 
 
+def load_published_cityscapes_clicks(
+    path: str | Path, image_names: list[str]
+) -> dict[str, list[Click]]:
+    """Read the published repository's ``datasets/cityscapes_synthetic_clicks.json`` as it is.
+
+    That file serves both splits: ``{image_name: [{"cls": <Cityscapes label id>, "x": ..., "y":
+    ...}, ...]}`` with ``image_name`` = ``<city>_<seq>_<frame>``. As the published loader does,
+    label ids are mapped to train ids and clicks on classes without a train id (ignored in
+    evaluation, e.g. ``ground``, ``license plate`` = −1) are dropped.
+
+    Args:
+        path: the JSON file (``.gz`` allowed).
+        image_names: the images that must all have an entry.
+
+    Returns:
+        ``{image_name: [(train_id, float32 (x, y)), ...]}`` for the requested images.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: malformed JSON, a ``cls`` that is no Cityscapes label id (−1..33), or an image
+            without an entry (the message names the file).
+    """
+    path = Path(path)
+    clicks = load_click_file(path)
+    missing = [name for name in image_names if name not in clicks]
+    if missing:
+        raise ValueError(
+            f"click file {path} (published format) has no entry for {len(missing)} of the "
+            f"{len(image_names)} images of the split (first: {missing[:3]})"
+        )
+    result: dict[str, list[Click]] = {}
+    for name in image_names:
+        kept = []
+        for label_id, point in clicks[name]:
+            if not -1 <= label_id <= 33:
+                raise ValueError(
+                    f"click file {path}: image {name!r} has a click of class {label_id}, which is "
+                    "no Cityscapes label id (-1..33); is it a gcrf click file (train ids)? Pass "
+                    "clicks_format='gcrf' then"
+                )
+            if label_id in LABEL_ID_TO_TRAIN_ID:
+                kept.append((LABEL_ID_TO_TRAIN_ID[label_id], point))
+        result[name] = kept
+    return result
+
+
 # ------------------------------------------------------------------------------------- datasets
 class CityscapesFine(ImageFileDataset):
     """One split of Cityscapes fine as raw samples (see :mod:`gcrf.data.transforms`).
@@ -363,6 +416,11 @@ class CityscapesDataModule(WeakSegmentationDataModule):
             per split), a path without it is read for both splits. ``None``:
             ``root/gcrf_clicks_{split}.json``, as the generator writes by default.
         clicks: load clicks (``False``: full supervision, no click file needed).
+        clicks_format: ``"gcrf"``: a file written by :mod:`gcrf.data.cityscapes_clicks` (train
+            ids, checked against its ``.meta.json`` sidecar); ``"published"``: the published
+            repository's ``cityscapes_synthetic_clicks.json`` (label ids, one file for both
+            splits, no sidecar; :func:`load_published_cityscapes_clicks`). ``None``: published
+            when the file is named ``cityscapes_synthetic_clicks.json`` (``.gz``), else gcrf.
         augmentation: default :data:`CITYSCAPES_AUGMENTATION`: the published 512 crops for
             training, validation at full size (1024×2048); ``None`` also gives it. Typed without
             ``None`` so that LightningCLI exposes ``--data.augmentation.crop_size`` and friends
@@ -391,6 +449,7 @@ class CityscapesDataModule(WeakSegmentationDataModule):
         root: str = "data/cityscapes",
         clicks_file: str | None = None,
         clicks: bool = True,
+        clicks_format: Literal["gcrf", "published"] | None = None,
         augmentation: AugmentationConfig = CITYSCAPES_AUGMENTATION,
         batch_size: int = 8,
         batch_size_validation: int = 2,
@@ -413,6 +472,11 @@ class CityscapesDataModule(WeakSegmentationDataModule):
         self.root = str(root)
         self.clicks_file = str(clicks_file) if clicks_file is not None else None
         self.clicks = bool(clicks)
+        if clicks_format not in (None, *CLICK_FORMATS):
+            raise ValueError(
+                f"clicks_format must be one of {CLICK_FORMATS} or None; got {clicks_format!r}"
+            )
+        self.clicks_format = clicks_format
 
     def clicks_path(self, split: str) -> Path:
         """The click file read for ``split``."""
@@ -421,10 +485,21 @@ class CityscapesDataModule(WeakSegmentationDataModule):
         )
         return Path(template.replace("{split}", split))
 
+    def resolved_clicks_format(self) -> str:
+        """``"gcrf"`` or ``"published"``: how the click file is read (see ``clicks_format``)."""
+        if self.clicks_format is not None:
+            return self.clicks_format
+        name = Path(self.clicks_file or "").name
+        return "published" if name in PUBLISHED_CLICK_NAMES else "gcrf"
+
     def _split(self, split: str) -> CityscapesFine:
         records = list_split(self.root, split)
         clicks = None
-        if self.clicks:
+        if self.clicks and self.resolved_clicks_format() == "published":
+            clicks = load_published_cityscapes_clicks(
+                self.clicks_path(split), [record.name for record in records]
+            )
+        elif self.clicks:
             clicks = load_cityscapes_clicks(
                 self.clicks_path(split),
                 [record.name for record in records],

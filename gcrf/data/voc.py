@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from gcrf.data.datamodule import DATASETS_DIR, ImageFileDataset, WeakSegmentationDataModule
+from gcrf.data.downloads import download_verified, file_sha256
 from gcrf.data.palettes import VOC_CLASS_NAMES, VOC_PALETTE
 from gcrf.data.transforms import AugmentationConfig
 from gcrf.data.weak_labels import (
@@ -47,7 +48,6 @@ from gcrf.data.weak_labels import (
     Scribble,
     load_click_file,
     parse_scribblesup_xml,
-    sha256_of_bytes,
 )
 
 __all__ = [
@@ -198,6 +198,10 @@ def ensure_scribbles(
 ) -> Path:
     """The ScribbleSup zip under ``root``: downloaded when asked, verified against the manifest.
 
+    The download is :func:`gcrf.data.downloads.download_verified` (torch.hub's transfer with the
+    manifest's sha256 as its hash check, when the manifest has one); a file already in place is
+    checked against the same sha256.
+
     Raises:
         FileNotFoundError: absent and ``download`` is off, or the download failed (offline); the
             message names the file, its URL and where to put it.
@@ -212,17 +216,11 @@ def ensure_scribbles(
         )
         if not download:
             raise FileNotFoundError(f"ScribbleSup scribbles not found: {path}. {where}")
-        from torchvision.datasets.utils import download_url
-
-        try:
-            download_url(entry["url"], str(path.parent), filename=entry["filename"])
-        except Exception as error:  # network errors come in many types
-            raise FileNotFoundError(
-                f"could not download the ScribbleSup scribbles ({type(error).__name__}: {error}). "
-                f"{where}"
-            ) from error
-    if entry.get("sha256"):
-        digest = sha256_of_bytes(path.read_bytes())
+        download_verified(
+            entry["url"], path, entry.get("sha256"), what="ScribbleSup scribbles", where=where
+        )
+    elif entry.get("sha256"):
+        digest = file_sha256(path)
         if digest != entry["sha256"]:
             raise ValueError(
                 f"ScribbleSup file {path} has sha256 {digest}, the manifest expects "
@@ -234,13 +232,37 @@ def ensure_scribbles(
 def load_scribbles(
     zip_path: str | Path, names: Sequence[str] | None = None
 ) -> dict[str, list[Scribble]]:
-    """Scribbles of every ``<image>.xml`` in the ScribbleSup zip (optionally only ``names``)."""
+    """Scribbles of every ``<image>.xml`` in a zip of ScribbleSup XML files (optionally only ``names``).
+
+    Both published layouts read as they are: the ScribbleSup archive (``pascal_2012/<image>.xml``)
+    and the ``datasets/voc_scribbles.zip`` of the published Gated CRF repository (``<image>.xml`` at
+    the zip's root). macOS resource forks (``__MACOSX/``, ``._*``) are skipped.
+
+    Raises:
+        FileNotFoundError: no file at ``zip_path``.
+        ValueError: not a zip, or a zip without any ``.xml`` member (the message names the file).
+    """
+    zip_path = Path(zip_path)
+    if not zip_path.is_file():
+        raise FileNotFoundError(f"scribble archive not found: {zip_path}")
+    if not zipfile.is_zipfile(zip_path):
+        raise ValueError(f"scribble archive {zip_path} is not a zip file")
     wanted = set(names) if names is not None else None
     scribbles: dict[str, list[Scribble]] = {}
     with zipfile.ZipFile(zip_path) as archive:
-        for member in archive.namelist():
-            if not member.endswith(".xml"):
-                continue
+        members = [
+            m
+            for m in archive.namelist()
+            if m.endswith(".xml")
+            and not m.startswith("__MACOSX/")
+            and not Path(m).name.startswith("._")
+        ]
+        if not members:
+            raise ValueError(
+                f"scribble archive {zip_path} holds no ScribbleSup .xml file "
+                f"(first members: {archive.namelist()[:5]})"
+            )
+        for member in members:
             name = Path(member).stem
             if wanted is not None and name not in wanted:
                 continue
@@ -313,6 +335,10 @@ class VOCDataModule(WeakSegmentationDataModule):
         scribbles: load the ScribbleSup scribbles (``False``: no scribble file is needed; every
             sample's scribbles are empty — the click and full recipes).
         scribbles_manifest: manifest of the scribble archive (default ``datasets/scribblesup.json``).
+        scribbles_file: a zip of ScribbleSup XML files to read as it is instead of the archive of
+            the manifest (no download, no hash): e.g. the published repository's
+            ``datasets/voc_scribbles.zip`` (``<image>.xml`` at its root) or a copy of
+            ``scribble_annotation.zip`` kept elsewhere.
 
     Example:
         >>> dm = VOCDataModule("/data/voc", download=True)  # doctest: +SKIP
@@ -336,6 +362,7 @@ class VOCDataModule(WeakSegmentationDataModule):
         clicks_dir: str | None = None,
         scribbles: bool = True,
         scribbles_manifest: str | None = None,
+        scribbles_file: str | None = None,
     ) -> None:
         super().__init__(
             augmentation if augmentation is not None else VOC_AUGMENTATION,
@@ -351,11 +378,12 @@ class VOCDataModule(WeakSegmentationDataModule):
         self.clicks_dir = clicks_dir
         self.use_scribbles = scribbles
         self.scribbles_manifest = scribbles_manifest
+        self.scribbles_file = scribbles_file
 
     def prepare_data(self) -> None:
         if self.download:
             download_voc_sbd(self.root)
-            if self.use_scribbles:
+            if self.use_scribbles and self.scribbles_file is None:
                 ensure_scribbles(self.root, download=True, manifest=self.scribbles_manifest)
 
     def build_datasets(self) -> tuple[VOCWeak, VOCWeak]:
@@ -363,7 +391,9 @@ class VOCDataModule(WeakSegmentationDataModule):
         clicks = load_voc_clicks(self.clicks_dir)
         scribbles: dict[str, list[Scribble]] = {}
         if self.use_scribbles:
-            zip_path = ensure_scribbles(self.root, self.download, self.scribbles_manifest)
+            zip_path = self.scribbles_file or ensure_scribbles(
+                self.root, self.download, self.scribbles_manifest
+            )
             scribbles = load_scribbles(zip_path)
         datasets = tuple(VOCWeak(splits[split], clicks, scribbles) for split in SPLITS)
         for split, dataset in zip(SPLITS, datasets, strict=True):
