@@ -3,7 +3,10 @@
 Everything here works on torch tensors and returns **uint8 RGB images in C×H×W layout** (``3×H×W``,
 or ``N×3×H×W`` for a batch), which is what ``SummaryWriter.add_image`` / ``add_images`` take as they
 are and what :func:`make_grid` tiles. Only :func:`show_images` draws with matplotlib, and imports it
-when called: ``import gcrf.viz`` needs nothing beyond torch.
+when called: ``import gcrf.viz`` needs nothing beyond torch and torchvision. The routine work is
+torchvision's: ``torchvision.utils.make_grid`` tiles, ``draw_segmentation_masks`` blends labels,
+``transforms.v2.functional.normalize`` (de)normalises; this module checks inputs and sets the
+conventions (uint8 out, the ignore label, palettes).
 
 - :func:`colorize_labels` — a label map through a palette; the ignore label gets its own colour.
 - :func:`overlay_labels` — a label map blended over an image; unlabelled pixels show the image.
@@ -33,7 +36,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.v2.functional as TF
 from torch import Tensor
+from torchvision.utils import draw_segmentation_masks
 
 from gcrf.conventions import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 
@@ -133,7 +139,7 @@ def normalize_image(
     x = image.float() / 255.0 if image.dtype == torch.uint8 else image
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
-    return (x - mean_t.to(x.dtype)) / std_t.to(x.dtype)
+    return TF.normalize(x, mean=mean_t.tolist(), std=std_t.tolist())
 
 
 def denormalize_image(
@@ -164,7 +170,8 @@ def denormalize_image(
     image = _check_image("image", image, floating=True)
     mean_t, std_t = _mean_std(mean, std, image)
     x = image if image.dtype in (torch.float32, torch.float64) else image.float()
-    out = x * std_t.to(x.dtype) + mean_t.to(x.dtype)
+    # x·std + mean is a normalisation by mean' = −mean/std, std' = 1/std.
+    out = TF.normalize(x, mean=(-mean_t / std_t).tolist(), std=(1.0 / std_t).tolist())
     return out.clamp(0.0, 1.0) if clamp else out
 
 
@@ -175,7 +182,7 @@ def _mean_std(mean: Sequence[float], std: Sequence[float], image: Tensor) -> tup
         raise ValueError(f"mean and std must have 3 values each, got mean={mean!r}, std={std!r}")
     if (std_t <= 0).any():
         raise ValueError(f"std must be > 0 in every channel, got {std!r}")
-    return mean_t.view(3, 1, 1), std_t.view(3, 1, 1)
+    return mean_t, std_t
 
 
 def to_uint8_image(image: Tensor) -> Tensor:
@@ -234,13 +241,7 @@ def colorize_labels(
     ignore_rgb = _as_color("ignore_color", ignore_color).to(labels.device)
     ignored = labels == ignore_index
     num_classes = palette_t.shape[0]
-    bad = ~ignored & ((labels < 0) | (labels >= num_classes))
-    if bad.any():
-        found = sorted(set(labels[bad].unique().tolist()))[:10]
-        raise ValueError(
-            f"labels must be in [0, {num_classes}) (palette has {num_classes} colours) or "
-            f"ignore_index={ignore_index}, found {found}"
-        )
+    _check_label_range(labels, num_classes, ignore_index)
     table = torch.cat([palette_t, ignore_rgb.view(1, 3)], dim=0)  # row C = ignore
     index = torch.where(ignored, torch.full_like(labels, num_classes), labels)
     rgb = table[index]  # ...×H×W×3
@@ -256,6 +257,16 @@ def _check_labels(labels: Any) -> Tensor:
     if labels.dim() not in (2, 3):
         raise ValueError(f"labels must be H×W, N×H×W or N×1×H×W, got shape {tuple(labels.shape)}")
     return labels.long()
+
+
+def _check_label_range(labels: Tensor, num_classes: int, ignore_index: int) -> None:
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bad.any():
+        found = sorted(set(labels[bad].unique().tolist()))[:10]
+        raise ValueError(
+            f"labels must be in [0, {num_classes}) (palette has {num_classes} colours) or "
+            f"ignore_index={ignore_index}, found {found}"
+        )
 
 
 def _check_palette(palette: Any) -> Tensor:
@@ -310,10 +321,20 @@ def overlay_labels(
             f"labels must match image (3×H×W with H×W, N×3×H×W with N×H×W), got image "
             f"{tuple(image.shape)} and labels {tuple(labels.shape)}"
         )
-    colors = colorize_labels(labels, palette, ignore_index=ignore_index).float() / 255.0
-    opacity = alpha * (labels != ignore_index).unsqueeze(-3).float()
+    palette_t = _check_palette(palette)
+    num_classes = palette_t.shape[0]
+    _check_label_range(labels, num_classes, ignore_index)
+    colors = [tuple(color) for color in palette_t.tolist()]
+    classes = torch.arange(num_classes, device=labels.device).view(-1, 1, 1)
     base = _image_as_float(image)
-    return to_uint8_image(base * (1.0 - opacity) + colors * opacity)
+    # torchvision draws one image at a time: class c's mask (labels == c) blended in palette[c].
+    drawn = [
+        draw_segmentation_masks(picture, label_map.unsqueeze(0) == classes, alpha, colors)
+        for picture, label_map in zip(
+            base.reshape(-1, *base.shape[-3:]), labels.reshape(-1, *labels.shape[-2:]), strict=True
+        )
+    ]
+    return to_uint8_image(torch.stack(drawn).reshape(base.shape))
 
 
 def dilate_labels(labels: Tensor, size: int = 3, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -553,8 +574,9 @@ def make_grid(
 ) -> Tensor:
     """Tile images row-major into one image: image k goes to row ``k // ncols``, column ``k % ncols``.
 
-    Cells are separated (and framed) by ``padding`` pixels of ``pad_value``; the last row is filled
-    with ``pad_value`` where it has fewer images.
+    ``torchvision.utils.make_grid`` after checking the inputs: cells are separated (and framed) by
+    ``padding`` pixels of ``pad_value``; the last row is filled with ``pad_value`` where it has
+    fewer images. A single image is returned as it is (no frame), as torchvision does.
 
     Args:
         images: uint8 RGB images of one size, as a sequence of ``3×H×W`` or a ``N×3×H×W`` tensor;
@@ -607,19 +629,8 @@ def make_grid(
         raise ValueError(f"padding must be an int >= 0, got {padding!r}")
     if not isinstance(pad_value, int) or not 0 <= pad_value <= 255:
         raise ValueError(f"pad_value must be an int in [0, 255], got {pad_value!r}")
-    ncols = min(ncols, len(cells))
-    nrows = math.ceil(len(cells) / ncols)
-    grid = torch.full(
-        (3, nrows * (height + padding) + padding, ncols * (width + padding) + padding),
-        pad_value,
-        dtype=torch.uint8,
-        device=cells[0].device,
-    )
-    for k, cell in enumerate(cells):
-        top = padding + (k // ncols) * (height + padding)
-        left = padding + (k % ncols) * (width + padding)
-        grid[:, top : top + height, left : left + width] = cell.to(grid.device)
-    return grid
+    batch = torch.stack([cell.to(cells[0].device) for cell in cells])
+    return torchvision.utils.make_grid(batch, nrow=ncols, padding=padding, pad_value=pad_value)
 
 
 # ---------------------------------------------------------------------------------- matplotlib

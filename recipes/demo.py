@@ -11,149 +11,112 @@ Scribbles never come closer than a few pixels to any boundary, so CE alone has t
 objects end; the Gated CRF loss reads the answer off the image edges. The table at the end gives the
 validation mIoU of each run and the share of the scribbles→full gap that the Gated CRF loss closes.
 TensorBoard logs and image grids go to ``--output_dir`` (``tensorboard --logdir runs/demo``).
+
+The runs are assembled the one way every recipe is: each is ``python -m recipes.synthetic`` with its
+flags (:mod:`recipes.runs`), so every run records its whole configuration (``config.yaml``, the
+checkpoint's and TensorBoard's hyperparameters) and can be repeated alone by its command line.
 """
 
 from __future__ import annotations
 
-import logging
-import multiprocessing
-import os
 import sys
 import time
-import warnings
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 
-import lightning.pytorch as pl
-import torch
 from jsonargparse import CLI
-from lightning.pytorch.loggers import TensorBoardLogger
 from rich.console import Console
 from rich.table import Table
 
-from gcrf.data.synthetic import SyntheticDataModule
-from gcrf.training import (
-    PlainProgressLog,
-    SegmentationModule,
-    SegmentationVisualizer,
-    make_optimizer_factory,
-    make_poly_scheduler_factory,
-)
 from recipes import presets
-from recipes.cli import build_gated_crf_loss, build_network, configure_logging
-from recipes.runs import gap_closed
+from recipes.cli import configure_logging
+from recipes.runs import RunResult, RunSpec, gap_closed, run_side_by_side
 
-__all__ = ["DemoResult", "demo", "gap_closed", "main"]
+__all__ = ["SETTINGS", "demo", "demo_specs", "gap_closed", "main"]
 
-SETTINGS = (
-    ("full", "semseg_dense", False, "CE on dense masks"),
-    ("scribbles", "semseg_scribbles", False, "CE on scribbles"),
-    ("scribbles_gatedcrf", "semseg_scribbles", True, "CE on scribbles + Gated CRF"),
+#: The three runs: name, description and the flags that set their supervision.
+SETTINGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (
+        "full",
+        "CE on dense masks",
+        ("--model.loss_cross_entropy_modality=semseg_dense", "--model.loss_gatedcrf=false"),
+    ),
+    (
+        "scribbles",
+        "CE on scribbles",
+        ("--model.loss_cross_entropy_modality=semseg_scribbles", "--model.loss_gatedcrf=false"),
+    ),
+    (
+        "scribbles_gatedcrf",
+        "CE on scribbles + Gated CRF",
+        ("--model.loss_cross_entropy_modality=semseg_scribbles", "--model.loss_gatedcrf=true"),
+    ),
 )
 
 
-@dataclass
-class DemoResult:
-    """Outcome of one demo run."""
-
-    name: str
-    description: str
-    miou: float
-    seconds: float
-    steps: int
-    log_dir: str
-    checkpoint: str  #: the final weights (``GCRF_CHECKPOINT`` of notebooks/training_results.ipynb)
-
-
-def _run_one(
-    name: str,
-    modality: str,
-    with_gated_crf: bool,
-    description: str,
-    *,
-    steps: int,
-    seed: int,
-    datamodule_kwargs: dict,
-    model_name: str,
-    model_encoder_name: str,
-    aspp_channels: int,
-    lr: float,
-    gatedcrf_kernels: list[dict[str, float]],
-    gatedcrf_radius: int,
-    gatedcrf_weight: float,
-    gatedcrf_resolution: int | None,
-    gatedcrf_use_after_progress_ratio: float,
-    validations: int,
-    output_dir: str,
-) -> DemoResult:
-    pl.seed_everything(seed, workers=True, verbose=False)
-    datamodule = SyntheticDataModule(seed=seed, **datamodule_kwargs)
-    network = build_network(
-        model_name,
-        model_encoder_name,
-        datamodule.num_classes,
-        False,
-        {"aspp_channels": aspp_channels},
+def demo_specs(
+    steps: int = presets.SYNTHETIC_STEPS,
+    seed: int = 0,
+    image_size: int = 64,
+    num_classes: int = 4,
+    train_length: int = 1024,
+    val_length: int = 256,
+    batch_size: int = 8,
+    scribble_margin: float = presets.SYNTHETIC_SCRIBBLE_MARGIN,
+    model_name: str = "deeplabv3p",
+    model_encoder_name: str = presets.SYNTHETIC_ENCODER,
+    aspp_channels: int = presets.SYNTHETIC_ASPP_CHANNELS,
+    lr: float = presets.SYNTHETIC_LR,
+    gatedcrf_weight: float = presets.SYNTHETIC_GATEDCRF_WEIGHT,
+    gatedcrf_xy_sigma: float = 6.0,
+    gatedcrf_rgb_sigma: float = 0.1,
+    gatedcrf_radius: int = 5,
+    gatedcrf_resolution: int | None = None,
+    gatedcrf_use_after_progress_ratio: float = presets.SYNTHETIC_GATEDCRF_USE_AFTER,
+    validations: int = 2,
+    output_dir: str = "runs/demo",
+) -> list[RunSpec]:
+    """The three runs as ``recipes.synthetic`` command lines (arguments: see :func:`demo`)."""
+    resolution = "null" if gatedcrf_resolution is None else gatedcrf_resolution
+    common = (
+        f"--seed_everything={seed}",
+        f"--data.seed={seed}",
+        f"--data.num_classes={num_classes}",
+        f"--data.image_size={image_size}",
+        f"--data.train_length={train_length}",
+        f"--data.val_length={val_length}",
+        f"--data.batch_size={batch_size}",
+        f"--data.scribble_margin={scribble_margin}",
+        f"--model.model_name={model_name}",
+        f"--model.model_encoder_name={model_encoder_name}",
+        "--model.model_pretrained=false",
+        f"--model.model_kwargs={{aspp_channels: {aspp_channels}}}",
+        "--model.optimizer=adam",
+        f"--model.optimizer_kwargs={{lr: {lr}}}",
+        f"--model.loss_gatedcrf_weight={gatedcrf_weight}",
+        f"--model.loss_gatedcrf_kernels_desc=[{{weight: 1.0, xy: {gatedcrf_xy_sigma}, "
+        f"rgb: {gatedcrf_rgb_sigma}}}]",
+        f"--model.loss_gatedcrf_radius={gatedcrf_radius}",
+        f"--model.loss_gatedcrf_resolution={resolution}",
+        f"--model.loss_gatedcrf_use_after_progress_ratio={gatedcrf_use_after_progress_ratio}",
+        f"--trainer.max_steps={steps}",
+        f"--trainer.val_check_interval={max(1, steps // validations)}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.log_every_n_steps={max(1, steps // 50)}",
+        f"--visualization.num_batches_visualization_first={max(1, steps // 10)}",
+        f"--visualization.num_batches_visualization_step={max(1, steps // 2)}",
     )
-    module = SegmentationModule(
-        network,
-        datamodule.num_classes,
-        gated_crf=build_gated_crf_loss(gatedcrf_kernels, gatedcrf_radius)
-        if with_gated_crf
-        else None,
-        cross_entropy_modality=modality,
-        gated_crf_weight=gatedcrf_weight,
-        gated_crf_resolution=gatedcrf_resolution,
-        gated_crf_use_after_progress_ratio=gatedcrf_use_after_progress_ratio,
-        optimizer=make_optimizer_factory("adam", {"lr": lr}),
-        lr_scheduler=make_poly_scheduler_factory(0.9),
-    )
-    logger = TensorBoardLogger(output_dir, name=name, version="", default_hp_metric=False)
-    visualizer = SegmentationVisualizer(
-        num_batches_visualization_first=max(1, steps // 10),
-        num_batches_visualization_step=max(1, steps // 2),
-        visualize_num_samples_in_batch=8,
-        observe_train_ids=[0, 1, 2, 3],
-        observe_valid_ids=[0, 1, 2, 3, 4, 5, 6, 7],
-        tensorboard_img_grid_width=8,
-    )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        val_check_interval=max(1, steps // validations),
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        logger=logger,
-        callbacks=[visualizer, PlainProgressLog(max(1, steps // 5))],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=max(1, steps // 50),
-        deterministic=False,
-    )
-    start = time.monotonic()
-    trainer.fit(module, datamodule=datamodule)
-    seconds = time.monotonic() - start
-    miou = float(trainer.callback_metrics["val/mIoU"])
-    checkpoint = os.path.join(logger.log_dir, "last.ckpt")
-    trainer.save_checkpoint(checkpoint)
-    return DemoResult(
-        name, description, miou, seconds, int(trainer.global_step), logger.log_dir, checkpoint
-    )
-
-
-def _quiet_lightning() -> None:
-    """The demo's own table is the output; keep Lightning's advice and warnings out of the way."""
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    configure_logging()
-    warnings.filterwarnings("ignore", module="lightning")
-
-
-def _run_in_worker(setting: tuple[str, str, bool, str], common: dict, threads: int) -> DemoResult:
-    """One run in a worker process (spawned: it sets up its own logging and threads)."""
-    torch.set_num_threads(threads)
-    _quiet_lightning()
-    return _run_one(*setting, **common)
+    return [
+        RunSpec(
+            name,
+            description,
+            "recipes.synthetic",
+            (*common, *flags, f"--trainer.default_root_dir={output_dir}/{name}"),
+        )
+        for name, description, flags in SETTINGS
+    ]
 
 
 def demo(
@@ -179,7 +142,7 @@ def demo(
     output_dir: str = "runs/demo",
     threads: int | None = None,
     workers: int | None = None,
-) -> list[DemoResult]:
+) -> list[RunResult]:
     """Train the three demo runs and print the comparison table.
 
     Args:
@@ -203,63 +166,24 @@ def demo(
         gatedcrf_resolution: side of the probability map the loss sees (default: stride 4).
         gatedcrf_use_after_progress_ratio: share of the steps before the Gated CRF term is on.
         validations: number of validations per run (the last one is reported).
-        output_dir: TensorBoard log directory.
-        threads: torch CPU threads of the main process (default: torch's choice).
+        output_dir: where each run writes its logs, configuration and checkpoints
+            (``<output_dir>/<run>``).
+        threads: torch CPU threads per run (default: the cores shared out between the runs).
         workers: processes training the runs side by side (default: one per run, at most one per
             CPU core; 1 trains them in turn in this process).
 
     Returns:
-        One :class:`DemoResult` per run.
+        One :class:`~recipes.runs.RunResult` per run (``.miou``, ``.checkpoint``, ``.log_dir``).
     """
-    if threads is not None:
-        torch.set_num_threads(threads)
+    arguments = {k: v for k, v in locals().items() if k not in ("threads", "workers")}
+    specs = demo_specs(**arguments)
     console = Console()
-    datamodule_kwargs = {
-        "num_classes": num_classes,
-        "image_size": image_size,
-        "train_length": train_length,
-        "val_length": val_length,
-        "batch_size": batch_size,
-        "scribble_margin": scribble_margin,
-    }
-    kernels = [{"weight": 1.0, "xy": gatedcrf_xy_sigma, "rgb": gatedcrf_rgb_sigma}]
-    common = {
-        "steps": steps,
-        "seed": seed,
-        "datamodule_kwargs": datamodule_kwargs,
-        "model_name": model_name,
-        "model_encoder_name": model_encoder_name,
-        "aspp_channels": aspp_channels,
-        "lr": lr,
-        "gatedcrf_kernels": kernels,
-        "gatedcrf_radius": gatedcrf_radius,
-        "gatedcrf_weight": gatedcrf_weight,
-        "gatedcrf_resolution": gatedcrf_resolution,
-        "gatedcrf_use_after_progress_ratio": gatedcrf_use_after_progress_ratio,
-        "validations": validations,
-        "output_dir": output_dir,
-    }
-    workers = workers if workers is not None else min(len(SETTINGS), os.cpu_count() or 1)
+    console.print(
+        f"Training the {len(specs)} runs (python -m recipes.synthetic, {steps} steps each): "
+        + ", ".join(s.description for s in specs)
+    )
     total_start = time.monotonic()
-    if workers <= 1:
-        results = []
-        for setting in SETTINGS:
-            console.rule(f"[bold]{setting[3]}")
-            results.append(_run_one(*setting, **common))
-    else:
-        # The runs are independent: one process each, the cores shared between them. A small
-        # network keeps two cores far from busy with one run, so this is ~2x faster than in turn.
-        threads_each = max(1, (os.cpu_count() or 1) // workers)
-        console.print(
-            f"Training the {len(SETTINGS)} runs in {workers} processes "
-            f"({threads_each} thread(s) each): " + ", ".join(s[3] for s in SETTINGS)
-        )
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = [
-                pool.submit(_run_in_worker, setting, common, threads_each) for setting in SETTINGS
-            ]
-            results = [future.result() for future in futures]
+    results = run_side_by_side(specs, workers=workers, threads=threads)
     total = time.monotonic() - total_start
 
     table = Table(title=f"Procedural scenes, {steps} steps per run, seed {seed}")
@@ -279,16 +203,16 @@ def demo(
         f"Total time {total:.0f} s."
     )
     console.print(
-        f"TensorBoard logs and image grids: [bold]{os.path.abspath(output_dir)}[/bold] "
-        f"(tensorboard --logdir {output_dir}); final weights: <run>/last.ckpt, e.g. "
+        f"Logs, configurations and image grids: [bold]{output_dir}/<run>[/bold] "
+        f"(tensorboard --logdir {output_dir}); final weights: e.g. "
         f"GCRF_CHECKPOINT={results[2].checkpoint} jupyter lab notebooks/"
     )
     return results
 
 
-def main(args: list[str] | None = None) -> list[DemoResult]:
+def main(args: list[str] | None = None) -> list[RunResult]:
     """Command-line entry: ``python -m recipes.demo [--steps N] [--seed S] ... | --help``."""
-    _quiet_lightning()
+    configure_logging()
     return CLI(demo, args=args if args is not None else sys.argv[1:])
 
 

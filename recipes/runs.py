@@ -44,6 +44,12 @@ class RunResult:
     seconds: float = 0.0
     steps: int = 0
     log_dir: str = ""
+    checkpoint: str = ""  #: the weights at the last step (``last.ckpt``), "" without checkpoints
+
+    @property
+    def miou(self) -> float:
+        """``val/mIoU`` of the final validation (NaN when the run has none)."""
+        return self.metrics.get("val/mIoU", float("nan"))
 
 
 def gap_closed(full: float, weak: float, weak_with_loss: float) -> float:
@@ -78,8 +84,15 @@ def _run(spec: RunSpec, threads: int) -> RunResult:
     }
     logger = cli.trainer.logger
     log_dir = getattr(logger, "log_dir", None) or cli.trainer.default_root_dir
+    last = [c.last_model_path for c in cli.trainer.checkpoint_callbacks if c.last_model_path]
     return RunResult(
-        spec.name, spec.description, metrics, seconds, int(cli.trainer.global_step), str(log_dir)
+        spec.name,
+        spec.description,
+        metrics,
+        seconds,
+        int(cli.trainer.global_step),
+        str(log_dir),
+        last[0] if last else "",
     )
 
 

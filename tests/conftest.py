@@ -5,6 +5,7 @@ interpreter is chosen when a ``@triton.jit`` function is defined, so the variabl
 before any test module imports ``gcrf.kernels``.
 """
 
+import logging
 import os
 
 import pytest
@@ -22,3 +23,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _restore_gcrf_logging():
+    """Undo what a recipe's ``configure_logging()`` does to the ``gcrf`` logger (its own handler,
+    no propagation), so that a later test in the same worker still sees gcrf's records in
+    ``caplog``: which tests share a worker depends on the scheduling."""
+    logger = logging.getLogger("gcrf")
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    yield
+    logger.setLevel(saved[0])
+    logger.propagate = saved[1]
+    logger.handlers[:] = saved[2]

@@ -226,6 +226,14 @@ def test_demo_runs_three_settings_and_prints_the_table(tmp_path, capsys, workers
     assert "Gated CRF closes" in out and str(tmp_path) in out
     for result in results:
         assert list(Path(result.log_dir).glob("events.out.tfevents.*")), result.log_dir
+        # Assembled through the recipe CLI: each run records its whole configuration.
+        hparams = yaml.safe_load((Path(result.log_dir) / "hparams.yaml").read_text())
+        assert hparams["loss_gatedcrf"] == (result.name == "scribbles_gatedcrf")
+        assert hparams["loss_cross_entropy_modality"] == (
+            "semseg_dense" if result.name == "full" else "semseg_scribbles"
+        )
+        config = yaml.safe_load((Path(result.log_dir) / "config.yaml").read_text())
+        assert config["trainer"]["max_steps"] == 2 and config["data"]["image_size"] == 32
         state = torch.load(result.checkpoint, map_location="cpu", weights_only=False)
         assert state["global_step"] == 2 and any(
             k.startswith("network.") for k in state["state_dict"]

@@ -39,7 +39,6 @@ The offset loop is plain Python over a fixed list: ``torch.compile`` unrolls it 
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 
@@ -65,7 +64,12 @@ def window_offsets(radius: int, spatial_rank: int) -> list[tuple[int, ...]]:
         >>> window_offsets(1, 2)[:4]
         [(-1, -1), (-1, 0), (-1, 1), (0, -1)]
     """
-    return list(itertools.product(range(-radius, radius + 1), repeat=spatial_rank))
+    # Built without itertools.product, which torch.compile (torch 2.8) cannot trace.
+    axis = range(-radius, radius + 1)
+    offsets: list[tuple[int, ...]] = [()]
+    for _ in range(spatial_rank):
+        offsets = [(*offset, delta) for offset in offsets for delta in axis]
+    return offsets
 
 
 def _pair_slices(
