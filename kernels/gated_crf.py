@@ -73,10 +73,19 @@ _MAX_BLOCK_C = 64
 
 _INTERPRET = bool(triton.knobs.runtime.interpret)
 
-# Block sizes / warps to tune over on a GPU. What limits these kernels is registers: the message and
-# the neighbour tile hold BLOCK_P·BLOCK_C values each, spread over 32·num_warps threads; at 32 values
-# per thread ptxas (sm_90) reports ~240 registers and at 64 it spills, so configs above 32 are pruned.
+# Block sizes / warps to tune over on a GPU. What limits these kernels is registers: per thread a
+# program holds the message and the neighbour probabilities (BLOCK_P·BLOCK_C values each over
+# 32·num_warps threads) and the centre and neighbour feature tiles (BLOCK_P·BLOCK_F each), twice as
+# many registers in fp64. Measured with ptxas for sm_90 (tests/test_kernels.py compiles every kept
+# config of the recipes' cases and asserts zero spills): a bf16 Potts sweep spills once
+#   BLOCK_P · (BLOCK_C + 1.5 · BLOCK_F) · (2 in fp64) / (32 · num_warps)  >  56,
+# e.g. BLOCK_C 32 with BLOCK_F 64 at 64 pixels × 4 warps (64: 240 bytes spilled) while BLOCK_C 64
+# with BLOCK_F 32 does not (56). Configs above 56 are pruned; the 32-pixel tile is the one that
+# fits the widest case (64 channels, 64 features: 40). The rule is a calibration, not a bound: the
+# μ̂ branch (one more field) and fp64 with a gradient can still spill a few bytes at some kept
+# configs with many channels or features (measured; not yet folded into the rule).
 _GPU_CONFIGS = [
+    triton.Config({"BLOCK_P": 32}, num_warps=4),
     triton.Config({"BLOCK_P": 64}, num_warps=2),
     triton.Config({"BLOCK_P": 64}, num_warps=4),
     triton.Config({"BLOCK_P": 128}, num_warps=4),
@@ -91,18 +100,29 @@ _FIXED_CONFIG = {"BLOCK_P": 256, "num_warps": 8} if _INTERPRET else {"BLOCK_P": 
 # Shapes and flags that change the work per pixel (a kernel without a flag skips it in the key).
 _TUNING_KEY = ["C", "NUM_FEATURES", "RADIUS", "RADIUS_D", "NUM_KERNELS", "HAS_MASK_SRC",
                "HAS_MASK_DST", "HAS_COMPAT", "WITH_GRAD"]  # fmt: skip
-_MAX_VALUES_PER_THREAD = 32
+_MAX_VALUES_PER_THREAD = 56.0
+
+
+def values_per_thread(config: triton.Config, block_c: int, block_f: int, fp64: bool) -> float:
+    """Register-resident tile values per thread of a config (the pruning measure above)."""
+    width = 2.0 if fp64 else 1.0
+    return config.kwargs["BLOCK_P"] * (block_c + 1.5 * block_f) * width / (32 * config.num_warps)
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop configs that would hold more than 32 tile values per thread (keep the lightest one)."""
-    block_c = kwargs.get("BLOCK_C", named_args.get("BLOCK_C", 1))
+    """Drop configs that would spill registers (see above; keep the lightest if all would)."""
 
-    def values_per_thread(config: triton.Config) -> float:
-        return config.kwargs["BLOCK_P"] * block_c / (32 * config.num_warps)
+    def constexpr(name: str, default):
+        return kwargs.get(name, named_args.get(name, default))
 
-    kept = [c for c in configs if values_per_thread(c) <= _MAX_VALUES_PER_THREAD]
-    return kept or [min(configs, key=values_per_thread)]
+    block_c, block_f = constexpr("BLOCK_C", 1), constexpr("BLOCK_F", 1)
+    fp64 = constexpr("ACC", tl.float32) == tl.float64
+
+    def load(config: triton.Config) -> float:
+        return values_per_thread(config, block_c, block_f, fp64)
+
+    kept = [c for c in configs if load(c) <= _MAX_VALUES_PER_THREAD]
+    return kept or [min(configs, key=load)]
 
 
 def _autotune(reset_to_zero: list[str] | None = None):

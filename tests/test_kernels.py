@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import torch
+import triton.language as tl
 
 from gcrf.kernels import gated_crf
 from gcrf.kernels.gated_crf import SUPPORTED_SPATIAL_RANKS
@@ -500,15 +501,25 @@ def test_compiles_without_graph_break():
 
 
 # Compiles the kernels for sm_90 with Triton's own ptxas, without a GPU: catches code generation errors
-# (types, layouts, constexpr branches) that the interpreter cannot see, and register spills.
+# (types, layouts, constexpr branches) that the interpreter cannot see, and register spills. Every
+# case is compiled with every autotune config that the pruning keeps for it, and ptxas -v reports the
+# registers and spill bytes of each (printed, and asserted to be zero spills).
 AHEAD_OF_TIME_COMPILE = r"""
-import json, os, subprocess, sys, tempfile
+import json, re, subprocess, sys, tempfile
 import triton, triton.language as tl
+import triton.backends.nvidia.compiler as nvidia
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from gcrf.kernels import gated_crf as g
 
-def compile_for_sm90(kernel, dtypes, constexprs, num_warps):
+def ptxas():
+    try:
+        tool = nvidia.get_ptxas(90)
+    except TypeError:  # older Triton: no arch argument
+        tool = nvidia.get_ptxas()
+    return tool.path if hasattr(tool, "path") else tool[0]
+
+def registers_and_spills(kernel, dtypes, constexprs, num_warps):
     signature = {}
     for param in kernel.params:
         if param.is_constexpr:
@@ -519,54 +530,115 @@ def compile_for_sm90(kernel, dtypes, constexprs, num_warps):
             signature[param.name] = "i32"
     source = ASTSource(kernel, signature, constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    return len(compiled.asm["cubin"])
+    assert len(compiled.asm["cubin"]) > 0
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = f"{folder}/kernel.ptx"
+        open(ptx, "w").write(compiled.asm["ptx"])
+        target = re.search(r"\.target\s+(sm_\w+)", compiled.asm["ptx"]).group(1)
+        log = subprocess.run([ptxas(), "-v", f"--gpu-name={target}", ptx, "-o", ptx + ".o"],
+                             capture_output=True, text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return registers, spills
 
-common = {"NUM_KERNELS": 2, "RADIUS": 5, "HAS_FEATURES": True, "BLOCK_F": 4, "ACC": tl.float32,
-          "BLOCK_P": 64, "HAS_MASK_SRC": True, "HAS_MASK_DST": True}
-kernel = g._gated_crf_kernel.fn
-bf16_probs = {"probs_ptr": "*bf16", "field_a_ptr": "*bf16", "field_b_ptr": "*bf16"}
-sizes = {
-    "bf16_potts_with_grad": compile_for_sm90(
-        kernel, {**bf16_probs, "bounds_ptr": "*i32"},
-        {**common, "RADIUS_D": 0, "HAS_COMPAT": False, "WITH_GRAD": True, "BLOCK_C": 32}, 4),
-    "fp16_potts_value_only": compile_for_sm90(
-        kernel, {"probs_ptr": "*fp16", "field_a_ptr": "*fp16", "field_b_ptr": "*fp16",
-                 "bounds_ptr": "*i32"},
-        {**common, "RADIUS_D": 0, "HAS_COMPAT": False, "WITH_GRAD": False, "BLOCK_C": 32}, 2),
-    "fp32_compat_3d_with_grad": compile_for_sm90(
-        kernel, {"bounds_ptr": "*i32"},
-        {**common, "RADIUS_D": 5, "HAS_COMPAT": True, "WITH_GRAD": True, "BLOCK_C": 32}, 8),
-    "fp64_compat_value_only": compile_for_sm90(
-        kernel, {name: "*fp64" for name in ("probs_ptr", "field_a_ptr", "field_b_ptr",
-                 "features_ptr", "coef_ptr", "partial_ptr", "grad_ptr")} | {"bounds_ptr": "*i32"},
-        {**common, "ACC": tl.float64, "RADIUS_D": 0, "HAS_COMPAT": True, "WITH_GRAD": False,
-         "BLOCK_C": 32}, 4),
-    "fp32_xy_only_masks_off_with_grad": compile_for_sm90(
-        kernel, {"bounds_ptr": "*i32"},
-        {**common, "HAS_FEATURES": False, "HAS_MASK_SRC": False, "HAS_MASK_DST": False,
-         "RADIUS_D": 0, "HAS_COMPAT": False, "WITH_GRAD": True, "BLOCK_C": 32}, 4),
-    "affinity": compile_for_sm90(
-        g._window_affinity_kernel.fn, {"bounds_ptr": "*i32"}, {**common, "RADIUS_D": 0}, 4),
-    "sum": compile_for_sm90(g._sum_partials_kernel, {}, {"BLOCK": 1024}, 4),
-}
-print(json.dumps(sizes))
+KERNELS = {"pairwise": g._gated_crf_kernel, "affinity": g._window_affinity_kernel}
+rows = []
+for case in json.loads(sys.argv[1]):
+    autotuner = KERNELS[case["kernel"]]
+    dtype = case.get("dtype", "fp32")
+    dtypes = {"bounds_ptr": "*i32"}
+    if dtype in ("bf16", "fp16"):
+        dtypes |= {name: f"*{dtype}" for name in ("probs_ptr", "field_a_ptr", "field_b_ptr")}
+    if dtype == "fp64":
+        dtypes |= {name: "*fp64" for name in ("probs_ptr", "field_a_ptr", "field_b_ptr",
+                   "features_ptr", "coef_ptr", "partial_ptr", "grad_ptr", "out_ptr")}
+    constexprs = {"NUM_KERNELS": 2, "RADIUS": 5, "RADIUS_D": case.get("radius_d", 0),
+                  "HAS_FEATURES": True, "BLOCK_F": case["block_f"],
+                  "ACC": tl.float64 if dtype == "fp64" else tl.float32,
+                  "HAS_MASK_SRC": True, "HAS_MASK_DST": True}
+    if case["kernel"] == "pairwise":
+        constexprs |= {"HAS_COMPAT": case.get("compat", False), "WITH_GRAD": case["grad"],
+                       "BLOCK_C": case["block_c"]}
+    kept = g._prune_configs(autotuner.configs, {}, **constexprs)
+    for config in kept:
+        registers, spills = registers_and_spills(
+            autotuner.fn, dtypes, {**constexprs, **config.kwargs}, config.num_warps)
+        rows.append({**case, **config.kwargs, "num_warps": config.num_warps,
+                     "registers": registers, "spills": spills})
+rows.append({"kernel": "sum", "registers": registers_and_spills(
+    g._sum_partials_kernel, {}, {"BLOCK": 1024}, 4)[0], "spills": 0})
+print(json.dumps(rows))
 """
 
+#: Kernels and tile shapes compiled by the default suite: the cases the recipes run (C = 4 to 21,
+#: three colour channels), every dtype and flag branch once.
+AOT_CASES = [
+    {"kernel": "pairwise", "dtype": "bf16", "grad": True, "block_c": 32, "block_f": 4},
+    {"kernel": "pairwise", "dtype": "fp16", "grad": False, "block_c": 32, "block_f": 4},
+    {"kernel": "pairwise", "grad": True, "compat": True, "radius_d": 5, "block_c": 8, "block_f": 4},
+    {
+        "kernel": "pairwise",
+        "dtype": "fp64",
+        "grad": False,
+        "compat": True,
+        "block_c": 32,
+        "block_f": 4,
+    },
+    {"kernel": "affinity", "block_f": 4},
+]
 
-def test_kernels_compile_for_a_gpu_without_one(tmp_path):
+
+def compile_ahead_of_time(tmp_path, cases) -> list[dict]:
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("Triton's CUDA backend is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from a cache
     result = subprocess.run(
-        [sys.executable, "-c", AHEAD_OF_TIME_COMPILE],
-        capture_output=True, text=True, env=env, timeout=300,
+        [sys.executable, "-c", AHEAD_OF_TIME_COMPILE, json.dumps(cases)],
+        capture_output=True, text=True, env=env, timeout=1800,
     )  # fmt: skip
     if "ptxas" in result.stderr and "not found" in result.stderr.lower():
         pytest.skip("no ptxas available for ahead-of-time compilation")
     assert result.returncode == 0, result.stderr[-3000:]
-    sizes = json.loads(result.stdout.strip().splitlines()[-1])
-    assert all(size > 0 for size in sizes.values())
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    for row in rows:  # the report: registers per kept configuration (pytest -s shows it)
+        print(" ".join(f"{k}={v}" for k, v in row.items()))
+    return rows
+
+
+def assert_no_spills(rows: list[dict], cases: list[dict]) -> None:
+    assert len(rows) > len(cases)  # several kept configurations per case
+    spilling = [row for row in rows if row["spills"] != 0]
+    assert not spilling, f"kept autotune configurations that spill registers: {spilling}"
+    assert all(0 < row["registers"] <= 255 for row in rows)
+
+
+def test_kernels_compile_for_a_gpu_without_one(tmp_path):
+    assert_no_spills(compile_ahead_of_time(tmp_path, AOT_CASES), AOT_CASES)
+
+
+def test_pruning_measure_follows_the_spill_measurements():
+    """The rule's calibration points (ptxas for sm_90; see kernels/gated_crf.py)."""
+    by_shape = {(c.kwargs["BLOCK_P"], c.num_warps): c for c in gated_crf._GPU_CONFIGS}
+    spills = [((64, 4), 32, 64, False), ((64, 2), 32, 32, False), ((64, 2), 64, 4, False)]
+    fits = [((64, 4), 64, 32, False), ((64, 2), 32, 16, False), ((64, 4), 8, 64, False)]
+    for shape, block_c, block_f, fp64 in spills:
+        kept = gated_crf._prune_configs(
+            gated_crf._GPU_CONFIGS, {}, BLOCK_C=block_c, BLOCK_F=block_f,
+            ACC=tl.float64 if fp64 else tl.float32,
+        )  # fmt: skip
+        assert by_shape[shape] not in kept
+    for shape, block_c, block_f, _ in fits:
+        kept = gated_crf._prune_configs(
+            gated_crf._GPU_CONFIGS, {}, BLOCK_C=block_c, BLOCK_F=block_f
+        )
+        assert by_shape[shape] in kept
+    # fp64 doubles the registers: a tile that fits in fp32 can be pruned in fp64.
+    fp32 = gated_crf._prune_configs(gated_crf._GPU_CONFIGS, {}, BLOCK_C=32, BLOCK_F=16)
+    fp64 = gated_crf._prune_configs(
+        gated_crf._GPU_CONFIGS, {}, BLOCK_C=32, BLOCK_F=16, ACC=tl.float64
+    )
+    assert set(map(str, fp64)) < set(map(str, fp32))
 
 
 # --------------------------------------------------------------------------------------------------
