@@ -31,7 +31,7 @@ from jsonargparse import CLI
 from rich.console import Console
 from rich.table import Table
 
-from recipes.runs import RunResult, RunSpec, gap_closed, run_side_by_side
+from recipes.runs import RunResult, RunSpec, cpu_trainer_flags, gap_closed, run_side_by_side
 
 __all__ = ["CompareData", "compare", "main"]
 
@@ -115,12 +115,7 @@ def compare(
         f"--model.optimizer={optimizer}",
         f"--model.optimizer_kwargs={{lr: {lr}, weight_decay: 0.0001"
         + (", momentum: 0.9}" if optimizer == "sgd" else "}"),
-        f"--trainer.max_steps={steps}",
-        f"--trainer.val_check_interval={max(1, steps // validations)}",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        "--trainer.num_sanity_val_steps=0",
-        "--trainer.enable_progress_bar=false",
+        *cpu_trainer_flags(steps, validations),
         f"--seed_everything={seed}",
         f"--visualization.num_batches_visualization_step={max(1, steps // 2)}",
     )

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from recipes import presets
 from recipes.cli import configure_logging
-from recipes.runs import RunResult, RunSpec, gap_closed, run_side_by_side
+from recipes.runs import RunResult, RunSpec, cpu_trainer_flags, gap_closed, run_side_by_side
 
 __all__ = ["SETTINGS", "demo", "demo_specs", "gap_closed", "main"]
 
@@ -97,12 +97,7 @@ def demo_specs(
         f"--model.loss_gatedcrf_radius={gatedcrf_radius}",
         f"--model.loss_gatedcrf_resolution={resolution}",
         f"--model.loss_gatedcrf_use_after_progress_ratio={gatedcrf_use_after_progress_ratio}",
-        f"--trainer.max_steps={steps}",
-        f"--trainer.val_check_interval={max(1, steps // validations)}",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        "--trainer.num_sanity_val_steps=0",
-        "--trainer.enable_progress_bar=false",
+        *cpu_trainer_flags(steps, validations),
         "--trainer.enable_model_summary=false",
         f"--trainer.log_every_n_steps={max(1, steps // 50)}",
         f"--visualization.num_batches_visualization_first={max(1, steps // 10)}",

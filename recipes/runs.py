@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["RunResult", "RunSpec", "gap_closed", "run_side_by_side"]
+__all__ = ["RunResult", "RunSpec", "cpu_trainer_flags", "gap_closed", "run_side_by_side"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,19 @@ class RunResult:
     def miou(self) -> float:
         """``val/mIoU`` of the final validation (NaN when the run has none)."""
         return self.metrics.get("val/mIoU", float("nan"))
+
+
+def cpu_trainer_flags(steps: int, validations: int) -> tuple[str, ...]:
+    """Trainer flags of a short run on one CPU: ``steps`` steps, ``validations`` validations
+    (the last one at the end), no sanity check, no progress bar (the runs share one terminal)."""
+    return (
+        f"--trainer.max_steps={steps}",
+        f"--trainer.val_check_interval={max(1, steps // validations)}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_progress_bar=false",
+    )
 
 
 def gap_closed(full: float, weak: float, weak_with_loss: float) -> float:
