@@ -30,7 +30,7 @@ from recipes import presets
 from recipes.cli import configure_logging
 from recipes.runs import RunResult, RunSpec, cpu_trainer_flags, gap_closed, run_side_by_side
 
-__all__ = ["SETTINGS", "demo", "demo_specs", "gap_closed", "main"]
+__all__ = ["SETTINGS", "demo", "gap_closed", "main"]
 
 #: The three runs: name, description and the flags that set their supervision.
 SETTINGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -50,68 +50,6 @@ SETTINGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         ("--model.loss_cross_entropy_modality=semseg_scribbles", "--model.loss_gatedcrf=true"),
     ),
 )
-
-
-def demo_specs(
-    steps: int = presets.SYNTHETIC_STEPS,
-    seed: int = 0,
-    image_size: int = 64,
-    num_classes: int = 4,
-    train_length: int = 1024,
-    val_length: int = 256,
-    batch_size: int = 8,
-    scribble_margin: float = presets.SYNTHETIC_SCRIBBLE_MARGIN,
-    model_name: str = "deeplabv3p",
-    model_encoder_name: str = presets.SYNTHETIC_ENCODER,
-    aspp_channels: int = presets.SYNTHETIC_ASPP_CHANNELS,
-    lr: float = presets.SYNTHETIC_LR,
-    gatedcrf_weight: float = presets.SYNTHETIC_GATEDCRF_WEIGHT,
-    gatedcrf_xy_sigma: float = 6.0,
-    gatedcrf_rgb_sigma: float = 0.1,
-    gatedcrf_radius: int = 5,
-    gatedcrf_resolution: int | None = None,
-    gatedcrf_use_after_progress_ratio: float = presets.SYNTHETIC_GATEDCRF_USE_AFTER,
-    validations: int = 2,
-    output_dir: str = "runs/demo",
-) -> list[RunSpec]:
-    """The three runs as ``recipes.synthetic`` command lines (arguments: see :func:`demo`)."""
-    resolution = "null" if gatedcrf_resolution is None else gatedcrf_resolution
-    common = (
-        f"--seed_everything={seed}",
-        f"--data.seed={seed}",
-        f"--data.num_classes={num_classes}",
-        f"--data.image_size={image_size}",
-        f"--data.train_length={train_length}",
-        f"--data.val_length={val_length}",
-        f"--data.batch_size={batch_size}",
-        f"--data.scribble_margin={scribble_margin}",
-        f"--model.model_name={model_name}",
-        f"--model.model_encoder_name={model_encoder_name}",
-        "--model.model_pretrained=false",
-        f"--model.model_kwargs={{aspp_channels: {aspp_channels}}}",
-        "--model.optimizer=adam",
-        f"--model.optimizer_kwargs={{lr: {lr}}}",
-        f"--model.loss_gatedcrf_weight={gatedcrf_weight}",
-        f"--model.loss_gatedcrf_kernels_desc=[{{weight: 1.0, xy: {gatedcrf_xy_sigma}, "
-        f"rgb: {gatedcrf_rgb_sigma}}}]",
-        f"--model.loss_gatedcrf_radius={gatedcrf_radius}",
-        f"--model.loss_gatedcrf_resolution={resolution}",
-        f"--model.loss_gatedcrf_use_after_progress_ratio={gatedcrf_use_after_progress_ratio}",
-        *cpu_trainer_flags(steps, validations),
-        "--trainer.enable_model_summary=false",
-        f"--trainer.log_every_n_steps={max(1, steps // 50)}",
-        f"--visualization.num_batches_visualization_first={max(1, steps // 10)}",
-        f"--visualization.num_batches_visualization_step={max(1, steps // 2)}",
-    )
-    return [
-        RunSpec(
-            name,
-            description,
-            "recipes.synthetic",
-            (*common, *flags, f"--trainer.default_root_dir={output_dir}/{name}"),
-        )
-        for name, description, flags in SETTINGS
-    ]
 
 
 def demo(
@@ -170,8 +108,43 @@ def demo(
     Returns:
         One :class:`~recipes.runs.RunResult` per run (``.miou``, ``.checkpoint``, ``.log_dir``).
     """
-    arguments = {k: v for k, v in locals().items() if k not in ("threads", "workers")}
-    specs = demo_specs(**arguments)
+    resolution = "null" if gatedcrf_resolution is None else gatedcrf_resolution
+    common = (
+        f"--seed_everything={seed}",
+        f"--data.seed={seed}",
+        f"--data.num_classes={num_classes}",
+        f"--data.image_size={image_size}",
+        f"--data.train_length={train_length}",
+        f"--data.val_length={val_length}",
+        f"--data.batch_size={batch_size}",
+        f"--data.scribble_margin={scribble_margin}",
+        f"--model.model_name={model_name}",
+        f"--model.model_encoder_name={model_encoder_name}",
+        "--model.model_pretrained=false",
+        f"--model.model_kwargs={{aspp_channels: {aspp_channels}}}",
+        "--model.optimizer=adam",
+        f"--model.optimizer_kwargs={{lr: {lr}}}",
+        f"--model.loss_gatedcrf_weight={gatedcrf_weight}",
+        f"--model.loss_gatedcrf_kernels_desc=[{{weight: 1.0, xy: {gatedcrf_xy_sigma}, "
+        f"rgb: {gatedcrf_rgb_sigma}}}]",
+        f"--model.loss_gatedcrf_radius={gatedcrf_radius}",
+        f"--model.loss_gatedcrf_resolution={resolution}",
+        f"--model.loss_gatedcrf_use_after_progress_ratio={gatedcrf_use_after_progress_ratio}",
+        *cpu_trainer_flags(steps, validations),
+        "--trainer.enable_model_summary=false",
+        f"--trainer.log_every_n_steps={max(1, steps // 50)}",
+        f"--visualization.num_batches_visualization_first={max(1, steps // 10)}",
+        f"--visualization.num_batches_visualization_step={max(1, steps // 2)}",
+    )
+    specs = [
+        RunSpec(
+            name,
+            description,
+            "recipes.synthetic",
+            (*common, *flags, f"--trainer.default_root_dir={output_dir}/{name}"),
+        )
+        for name, description, flags in SETTINGS
+    ]
     console = Console()
     console.print(
         f"Training the {len(specs)} runs (python -m recipes.synthetic, {steps} steps each): "
