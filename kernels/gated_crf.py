@@ -74,39 +74,63 @@ _MAX_BLOCK_C = 64
 _INTERPRET = bool(triton.knobs.runtime.interpret)
 
 # Block sizes / warps to tune over on a GPU. What limits these kernels is registers: per thread a
-# program holds the message and the neighbour probabilities (BLOCK_P·BLOCK_C values each over
-# 32·num_warps threads) and the centre and neighbour feature tiles (BLOCK_P·BLOCK_F each), twice as
-# many registers in fp64. Measured with ptxas for sm_90 (tests/test_kernels.py compiles every kept
-# config of the recipes' cases and asserts zero spills): a bf16 Potts sweep spills once
-#   BLOCK_P · (BLOCK_C + 1.5 · BLOCK_F) · (2 in fp64) / (32 · num_warps)  >  56,
-# e.g. BLOCK_C 32 with BLOCK_F 64 at 64 pixels × 4 warps (64: 240 bytes spilled) while BLOCK_C 64
-# with BLOCK_F 32 does not (56). Configs above 56 are pruned; the 32-pixel tile is the one that
-# fits the widest case (64 channels, 64 features: 40). The rule is a calibration, not a bound: the
-# μ̂ branch (one more field) and fp64 with a gradient can still spill a few bytes at some kept
-# configs with many channels or features (measured; not yet folded into the rule).
+# program holds the channel tiles (message and neighbour probabilities; message and the two μ̂
+# fields for the μ̂ gradient: BLOCK_P·BLOCK_C values each over 32·num_warps threads) and the
+# feature tiles (centre and neighbour: BLOCK_P·BLOCK_F each), twice as many registers in fp64.
+# Every config sets ``maxnreg=255``: without it ptxas trades a few spilled bytes for occupancy at
+# some small tiles (e.g. fp64 with 8 channels at 128 pixels × 8 warps: 80 registers and 8 bytes
+# spilled; with it 96 registers, none). Measured with ptxas for sm_90 over BLOCK_C 2–64 × BLOCK_F
+# 4–64 × {bf16 Potts, fp32 μ̂, fp64 Potts, fp64 μ̂; fp32, bf16, fp64 μ̂ in 3D} with a gradient,
+# {fp16 Potts, fp64 μ̂} without, and the affinity kernel (BLOCK_C 0) in fp32/fp64, every config:
+# 1 960 compiles, 565 spill, and every one that spills has
+#   values per thread = BLOCK_P · (a · BLOCK_C + 0.75 · BLOCK_F) · (2 in fp64) / (32 · num_warps),
+#   a = 1.5 for the μ̂ gradient (three channel tiles instead of two), else 1,
+# above 35, or above 30 where a pixel is split over several threads (fewer than one pixel per
+# thread: the per-pixel values, window kernel, gates, coordinates, are held by each of them). The
+# nearest: fp32 μ̂ in 3D, 8 channels, 32 features at one pixel per thread (36: 36 bytes) and bf16
+# Potts, 16 channels, 64 features at half a pixel (32: 88 bytes), while bf16 Potts with 32 channels
+# and 4 features fits at one pixel per thread (35: 236 registers, the VOC recipe's tile). Configs
+# above the limit are pruned, which keeps 1 193 of the 1 395 that fit. Where no config is under its
+# limit the lightest, 32 pixels × 8 warps, is kept: it holds the widest measured tile (64
+# channels, 64 features, fp64 μ̂ gradient in 3D) in 201 registers; feature tiles wider than 64 may
+# spill there. tests/test_kernels.py compiles every kept config of the recipes' cases (and, marked
+# slow, of this grid) and asserts zero spills.
+_MAXNREG = 255
 _GPU_CONFIGS = [
-    triton.Config({"BLOCK_P": 32}, num_warps=4),
-    triton.Config({"BLOCK_P": 64}, num_warps=2),
-    triton.Config({"BLOCK_P": 64}, num_warps=4),
-    triton.Config({"BLOCK_P": 128}, num_warps=4),
-    triton.Config({"BLOCK_P": 128}, num_warps=8),
-    triton.Config({"BLOCK_P": 256}, num_warps=8),
+    triton.Config({"BLOCK_P": block_p}, num_warps=num_warps, maxnreg=_MAXNREG)
+    for block_p, num_warps in ((32, 8), (32, 4), (64, 2), (64, 4), (128, 4), (128, 8), (256, 8))
 ]
 # The config used without tuning: under torch.use_deterministic_algorithms(True), where the
 # partial-sum layout and the reduction order must not depend on what the autotuner picked in this
-# process, and in the interpreter, where tuning would only multiply the test time and the cost is per
-# program, not per pixel (hence the large tile).
-_FIXED_CONFIG = {"BLOCK_P": 256, "num_warps": 8} if _INTERPRET else {"BLOCK_P": 64, "num_warps": 4}
+# process (the pruning is a pure function of the tile shape, so its choice is reproducible), and
+# in the interpreter, where tuning would only multiply the test time and the cost is per program,
+# not per pixel (hence the large tile).
+_INTERPRETER_CONFIG = {"BLOCK_P": 256, "num_warps": 8}
+_PREFERRED_FIXED_CONFIG = _GPU_CONFIGS[3]  # 64 pixels × 4 warps, where it fits
 # Shapes and flags that change the work per pixel (a kernel without a flag skips it in the key).
 _TUNING_KEY = ["C", "NUM_FEATURES", "RADIUS", "RADIUS_D", "NUM_KERNELS", "HAS_MASK_SRC",
                "HAS_MASK_DST", "HAS_COMPAT", "WITH_GRAD"]  # fmt: skip
-_MAX_VALUES_PER_THREAD = 56.0
+_MAX_VALUES_PER_THREAD = 35.0
+_MAX_VALUES_PER_THREAD_SPLIT = 30.0  # fewer than one pixel per thread
 
 
-def values_per_thread(config: triton.Config, block_c: int, block_f: int, fp64: bool) -> float:
-    """Register-resident tile values per thread of a config (the pruning measure above)."""
+def values_per_thread(
+    config: triton.Config, block_c: int, block_f: int, *, fp64: bool = False, mu_grad: bool = False
+) -> float:
+    """Register-resident tile values per thread of a config (the pruning measure above).
+
+    ``block_c`` is 0 for the affinity kernel, which holds no channel tiles; ``mu_grad`` marks the
+    gradient sweep with a compatibility matrix (two μ̂ fields).
+    """
+    channels = (1.5 if mu_grad else 1.0) * block_c
     width = 2.0 if fp64 else 1.0
-    return config.kwargs["BLOCK_P"] * (block_c + 1.5 * block_f) * width / (32 * config.num_warps)
+    return config.kwargs["BLOCK_P"] * (channels + 0.75 * block_f) * width / (32 * config.num_warps)
+
+
+def values_per_thread_limit(config: triton.Config) -> float:
+    """The most tile values per thread that ptxas keeps in registers with this config's layout."""
+    split = config.kwargs["BLOCK_P"] < 32 * config.num_warps
+    return _MAX_VALUES_PER_THREAD_SPLIT if split else _MAX_VALUES_PER_THREAD
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -115,14 +139,24 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
     def constexpr(name: str, default):
         return kwargs.get(name, named_args.get(name, default))
 
-    block_c, block_f = constexpr("BLOCK_C", 1), constexpr("BLOCK_F", 1)
+    block_c, block_f = constexpr("BLOCK_C", 0), constexpr("BLOCK_F", 1)
     fp64 = constexpr("ACC", tl.float32) == tl.float64
+    mu_grad = bool(constexpr("HAS_COMPAT", False) and constexpr("WITH_GRAD", False))
 
     def load(config: triton.Config) -> float:
-        return values_per_thread(config, block_c, block_f, fp64)
+        return values_per_thread(config, block_c, block_f, fp64=fp64, mu_grad=mu_grad)
 
-    kept = [c for c in configs if load(c) <= _MAX_VALUES_PER_THREAD]
-    return kept or [min(configs, key=load)]
+    kept = [c for c in configs if load(c) <= values_per_thread_limit(c)]
+    return kept or [min(configs, key=lambda c: load(c) / values_per_thread_limit(c))]
+
+
+def _fixed_config(constexprs: dict) -> dict:
+    """Launch options of the untuned path: the preferred config where it fits, else the lightest."""
+    if _INTERPRET:
+        return _INTERPRETER_CONFIG
+    kept = _prune_configs(_GPU_CONFIGS, {}, **constexprs)
+    config = _PREFERRED_FIXED_CONFIG if _PREFERRED_FIXED_CONFIG in kept else kept[0]
+    return {**config.kwargs, "num_warps": config.num_warps, "maxnreg": config.maxnreg}
 
 
 def _autotune(reset_to_zero: list[str] | None = None):
@@ -536,8 +570,9 @@ def _launch(kernel: triton.runtime.Autotuner, grid, *args, **kwargs) -> None:
     the result independent of the autotuner's choice (across processes and runs of the benchmark).
     """
     if _INTERPRET or torch.are_deterministic_algorithms_enabled():
-        logger.debug("%s: fixed config %s (no autotuning)", kernel.fn.__name__, _FIXED_CONFIG)
-        kernel.fn[grid](*args, **kwargs, **_FIXED_CONFIG)
+        config = _fixed_config(kwargs)
+        logger.debug("%s: fixed config %s (no autotuning)", kernel.fn.__name__, config)
+        kernel.fn[grid](*args, **kwargs, **config)
     else:
         kernel[grid](*args, **kwargs)
 
@@ -583,7 +618,7 @@ def _pairwise_sum(
     block_c = _channel_block(c)
     num_chunks = triton.cdiv(c, block_c)
     # Room for the most tiles any config can launch; slots a larger tile leaves unused stay 0.
-    min_block_p = min(_FIXED_CONFIG["BLOCK_P"], *(cfg.kwargs["BLOCK_P"] for cfg in _GPU_CONFIGS))
+    min_block_p = min(_INTERPRETER_CONFIG["BLOCK_P"], *(c.kwargs["BLOCK_P"] for c in _GPU_CONFIGS))
     tiles_per_row = triton.cdiv(p, min_block_p)
     partial = torch.zeros(n * num_chunks * tiles_per_row, dtype=acc_dtype, device=probs.device)
     if with_grad:

@@ -11,6 +11,7 @@ backend. Tests marked ``cuda`` repeat the checks at realistic shapes on a GPU.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -244,7 +245,7 @@ def test_odd_sizes(spatial):
 def test_several_pixel_tiles(monkeypatch, spatial):
     # Tiles of 32 pixels: 8×16 fills 4 tiles exactly, 9×11 = 99 leaves the 4th tile with 3 pixels;
     # neighbours cross tile boundaries in both directions.
-    monkeypatch.setattr(gated_crf, "_FIXED_CONFIG", {"BLOCK_P": 32, "num_warps": 4})
+    monkeypatch.setattr(gated_crf, "_INTERPRETER_CONFIG", {"BLOCK_P": 32, "num_warps": 4})
     inputs = make_inputs(n=1, spatial=spatial, masks="both", compat=spatial == (9, 11), seed=8)
     assert_matches_reference(inputs, {**TWO_KERNELS, "radius": 2})
 
@@ -425,13 +426,46 @@ def test_bad_arguments_raise_with_names():
         window_affinity(features, **{**window, "radius": 1.5})
 
 
+def prune(block_c: int, block_f: int, fp64: bool = False, mu_grad: bool = False) -> list:
+    acc = tl.float64 if fp64 else tl.float32
+    flags = {"HAS_COMPAT": mu_grad, "WITH_GRAD": True}
+    return gated_crf._prune_configs(
+        gated_crf._GPU_CONFIGS, {}, BLOCK_C=block_c, BLOCK_F=block_f, ACC=acc, **flags
+    )
+
+
 def test_config_pruning_keeps_tiles_in_registers():
-    for block_c in (1, 32, 64):
-        configs = gated_crf._prune_configs(gated_crf._GPU_CONFIGS, {}, BLOCK_C=block_c)
-        assert configs
-        for config in configs:
-            assert config.kwargs["BLOCK_P"] * block_c <= 32 * 32 * config.num_warps
-    assert len(gated_crf._prune_configs(gated_crf._GPU_CONFIGS, {}, BLOCK_C=4096)) == 1
+    grid = itertools.product((0, 2, 32, 64), (1, 4, 64), (False, True), (False, True))
+    for block_c, block_f, fp64, mu_grad in grid:
+        kept = prune(block_c, block_f, fp64, mu_grad)
+        assert kept, (block_c, block_f, fp64, mu_grad)
+        if len(kept) == 1 and (kept[0].kwargs["BLOCK_P"], kept[0].num_warps) == (32, 8):
+            continue  # the lightest config, kept where none is under its limit
+        values = (1.5 if mu_grad else 1) * block_c + 0.75 * block_f
+        for config in kept:  # ptxas free to use 255 registers, at most 35 tile values per thread
+            threads = 32 * config.num_warps  # (30 where a pixel is split over several threads)
+            limit = 30 if config.kwargs["BLOCK_P"] < threads else 35
+            assert config.kwargs["BLOCK_P"] * values * (2 if fp64 else 1) <= limit * threads
+            assert config.maxnreg == 255
+    # The widest tiles fit under no limit: the lightest config only.
+    for block_c, block_f in ((64, 64), (64, 128)):
+        (lightest,) = prune(block_c, block_f, fp64=True, mu_grad=True)
+        assert (lightest.kwargs["BLOCK_P"], lightest.num_warps) == (32, 8)
+    # The μ̂ gradient holds one more channel tile than the Potts gradient.
+    assert set(map(str, prune(32, 4, mu_grad=True))) < set(map(str, prune(32, 4)))
+
+
+def test_fixed_config_fits_the_tile(monkeypatch):
+    # The untuned (deterministic) launch takes 64 pixels × 4 warps where that fits, else a kept one.
+    monkeypatch.setattr(gated_crf, "_INTERPRET", False)
+    small = gated_crf._fixed_config({"BLOCK_C": 4, "BLOCK_F": 4, "ACC": tl.float32})
+    assert small == {"BLOCK_P": 64, "num_warps": 4, "maxnreg": 255}
+    for block_c, block_f, fp64 in ((64, 4, False), (64, 64, True)):
+        acc = tl.float64 if fp64 else tl.float32
+        fixed = gated_crf._fixed_config({"BLOCK_C": block_c, "BLOCK_F": block_f, "ACC": acc})
+        kept = [(c.kwargs["BLOCK_P"], c.num_warps) for c in prune(block_c, block_f, fp64)]
+        assert (64, 4) not in kept
+        assert (fixed["BLOCK_P"], fixed["num_warps"]) in kept
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal without interpreter")
@@ -519,7 +553,7 @@ def ptxas():
         tool = nvidia.get_ptxas()
     return tool.path if hasattr(tool, "path") else tool[0]
 
-def registers_and_spills(kernel, dtypes, constexprs, num_warps):
+def registers_and_spills(kernel, dtypes, constexprs, options):
     signature = {}
     for param in kernel.params:
         if param.is_constexpr:
@@ -529,7 +563,7 @@ def registers_and_spills(kernel, dtypes, constexprs, num_warps):
         else:
             signature[param.name] = "i32"
     source = ASTSource(kernel, signature, constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     assert len(compiled.asm["cubin"]) > 0
     with tempfile.TemporaryDirectory() as folder:
         ptx = f"{folder}/kernel.ptx"
@@ -547,8 +581,9 @@ for case in json.loads(sys.argv[1]):
     autotuner = KERNELS[case["kernel"]]
     dtype = case.get("dtype", "fp32")
     dtypes = {"bounds_ptr": "*i32"}
-    if dtype in ("bf16", "fp16"):
-        dtypes |= {name: f"*{dtype}" for name in ("probs_ptr", "field_a_ptr", "field_b_ptr")}
+    if dtype in ("bf16", "fp16"):  # the μ̂ fields are mixed on the host in the fp32 accumulator
+        fields = () if case.get("compat") else ("field_a_ptr", "field_b_ptr")
+        dtypes |= {name: f"*{dtype}" for name in ("probs_ptr", *fields)}
     if dtype == "fp64":
         dtypes |= {name: "*fp64" for name in ("probs_ptr", "field_a_ptr", "field_b_ptr",
                    "features_ptr", "coef_ptr", "partial_ptr", "grad_ptr", "out_ptr")}
@@ -561,12 +596,13 @@ for case in json.loads(sys.argv[1]):
                        "BLOCK_C": case["block_c"]}
     kept = g._prune_configs(autotuner.configs, {}, **constexprs)
     for config in kept:
+        options = {"num_warps": config.num_warps, "maxnreg": config.maxnreg}
         registers, spills = registers_and_spills(
-            autotuner.fn, dtypes, {**constexprs, **config.kwargs}, config.num_warps)
+            autotuner.fn, dtypes, {**constexprs, **config.kwargs}, options)
         rows.append({**case, **config.kwargs, "num_warps": config.num_warps,
                      "registers": registers, "spills": spills})
 rows.append({"kernel": "sum", "registers": registers_and_spills(
-    g._sum_partials_kernel, {}, {"BLOCK": 1024}, 4)[0], "spills": 0})
+    g._sum_partials_kernel, {}, {"BLOCK": 1024}, {"num_warps": 4})[0], "spills": 0})
 print(json.dumps(rows))
 """
 
@@ -617,28 +653,51 @@ def test_kernels_compile_for_a_gpu_without_one(tmp_path):
     assert_no_spills(compile_ahead_of_time(tmp_path, AOT_CASES), AOT_CASES)
 
 
+#: The grid the pruning rule was measured on (kernels/gated_crf.py), thinned, plus two branches the
+#: measurement left out (fp32 Potts, bf16 μ̂ in a volume): each case at BLOCK_C 2 to 64 and BLOCK_F
+#: 4 to 64, where the kept configs reach the rule's limit.
+SWEEP_VARIANTS = [
+    {"dtype": "bf16", "grad": True},
+    {"dtype": "fp32", "grad": True},
+    {"dtype": "fp32", "grad": True, "compat": True},
+    {"dtype": "bf16", "grad": True, "compat": True, "radius_d": 2},
+    {"dtype": "fp64", "grad": True},
+    {"dtype": "fp64", "grad": True, "compat": True},
+    {"dtype": "fp16", "grad": False},
+    {"dtype": "fp64", "grad": False, "compat": True},
+]
+SWEEP_CASES = [
+    {"kernel": "pairwise", **variant, "block_c": block_c, "block_f": block_f}
+    for variant in SWEEP_VARIANTS
+    for block_c, block_f in itertools.product((2, 8, 32, 64), (4, 16, 64))
+] + [
+    {"kernel": "affinity", "dtype": dtype, "block_f": f}
+    for dtype in ("fp32", "fp64")
+    for f in (16, 64)
+]
+
+
+@pytest.mark.slow
+def test_every_kept_config_of_the_measured_grid_compiles_without_spills(tmp_path):
+    assert_no_spills(compile_ahead_of_time(tmp_path, SWEEP_CASES), SWEEP_CASES)
+
+
 def test_pruning_measure_follows_the_spill_measurements():
-    """The rule's calibration points (ptxas for sm_90; see kernels/gated_crf.py)."""
+    """The rule's calibration points (ptxas for sm_90, maxnreg 255; see kernels/gated_crf.py)."""
     by_shape = {(c.kwargs["BLOCK_P"], c.num_warps): c for c in gated_crf._GPU_CONFIGS}
-    spills = [((64, 4), 32, 64, False), ((64, 2), 32, 32, False), ((64, 2), 64, 4, False)]
-    fits = [((64, 4), 64, 32, False), ((64, 2), 32, 16, False), ((64, 4), 8, 64, False)]
-    for shape, block_c, block_f, fp64 in spills:
-        kept = gated_crf._prune_configs(
-            gated_crf._GPU_CONFIGS, {}, BLOCK_C=block_c, BLOCK_F=block_f,
-            ACC=tl.float64 if fp64 else tl.float32,
-        )  # fmt: skip
-        assert by_shape[shape] not in kept
-    for shape, block_c, block_f, _ in fits:
-        kept = gated_crf._prune_configs(
-            gated_crf._GPU_CONFIGS, {}, BLOCK_C=block_c, BLOCK_F=block_f
-        )
-        assert by_shape[shape] in kept
+    # (config, BLOCK_C, BLOCK_F, fp64, μ̂ gradient): measured to spill (fp32 μ̂ in 3D 36 bytes at
+    # one pixel per thread, bf16 Potts 88 at half a pixel, fp64 affinity 200) ...
+    spills = [((64, 2), 8, 32, False, True), ((64, 4), 16, 64, False, False),
+              ((64, 4), 0, 64, True, False)]  # fmt: skip
+    # ... and measured to fit, at the limits (229 to 240 registers).
+    fits = [((64, 2), 32, 4, False, False), ((64, 4), 8, 64, False, True),
+            ((128, 8), 32, 16, False, True)]  # fmt: skip
+    for shape, block_c, block_f, fp64, mu_grad in spills:
+        assert by_shape[shape] not in prune(block_c, block_f, fp64, mu_grad)
+    for shape, block_c, block_f, fp64, mu_grad in fits:
+        assert by_shape[shape] in prune(block_c, block_f, fp64, mu_grad)
     # fp64 doubles the registers: a tile that fits in fp32 can be pruned in fp64.
-    fp32 = gated_crf._prune_configs(gated_crf._GPU_CONFIGS, {}, BLOCK_C=32, BLOCK_F=16)
-    fp64 = gated_crf._prune_configs(
-        gated_crf._GPU_CONFIGS, {}, BLOCK_C=32, BLOCK_F=16, ACC=tl.float64
-    )
-    assert set(map(str, fp64)) < set(map(str, fp32))
+    assert set(map(str, prune(32, 16, fp64=True))) < set(map(str, prune(32, 16)))
 
 
 # --------------------------------------------------------------------------------------------------
