@@ -151,11 +151,15 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 
 
 def _fixed_config(constexprs: dict) -> dict:
-    """Launch options of the untuned path: the preferred config where it fits, else the lightest."""
+    """Launch options of the untuned path: the preferred config where the pruning keeps it, else
+    the kept config with the largest tile (the most pixels per program, then per thread)."""
     if _INTERPRET:
         return _INTERPRETER_CONFIG
     kept = _prune_configs(_GPU_CONFIGS, {}, **constexprs)
-    config = _PREFERRED_FIXED_CONFIG if _PREFERRED_FIXED_CONFIG in kept else kept[0]
+    if _PREFERRED_FIXED_CONFIG in kept:
+        config = _PREFERRED_FIXED_CONFIG
+    else:
+        config = max(kept, key=lambda c: (c.kwargs["BLOCK_P"], -c.num_warps))
     return {**config.kwargs, "num_warps": config.num_warps, "maxnreg": config.maxnreg}
 
 
