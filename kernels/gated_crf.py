@@ -93,8 +93,9 @@ _INTERPRET = bool(triton.knobs.runtime.interpret)
 # above the limit are pruned, which keeps 1 193 of the 1 395 that fit. Where no config is under its
 # limit the lightest, 32 pixels × 8 warps, is kept: it holds the widest measured tile (64
 # channels, 64 features, fp64 μ̂ gradient in 3D) in 201 registers; feature tiles wider than 64 may
-# spill there. tests/test_kernels.py compiles every kept config of the recipes' cases (and, marked
-# slow, of this grid) and asserts zero spills.
+# spill there. `python -m benchmarks.registers` compiles any such grid (`--all_configs true` for
+# the sweep); tests/test_kernels.py compiles every kept config of the recipes' cases (and, marked
+# slow, of the grid) and asserts zero spills.
 _MAXNREG = 255
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_P": block_p}, num_warps=num_warps, maxnreg=_MAXNREG)

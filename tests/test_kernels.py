@@ -16,11 +16,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import triton.language as tl
 
+from benchmarks.registers import AOT_CASES, SWEEP_CASES
 from gcrf.kernels import gated_crf
 from gcrf.kernels.gated_crf import SUPPORTED_SPATIAL_RANKS
 from gcrf.kernels.window import GatedWindow, PairwiseInputs
@@ -534,105 +536,24 @@ def test_compiles_without_graph_break():
     torch.testing.assert_close(logits.grad, eager_logits.grad)
 
 
-# Compiles the kernels for sm_90 with Triton's own ptxas, without a GPU: catches code generation errors
-# (types, layouts, constexpr branches) that the interpreter cannot see, and register spills. Every
-# case is compiled with every autotune config that the pruning keeps for it, and ptxas -v reports the
-# registers and spill bytes of each (printed, and asserted to be zero spills).
-AHEAD_OF_TIME_COMPILE = r"""
-import json, re, subprocess, sys, tempfile
-import triton, triton.language as tl
-import triton.backends.nvidia.compiler as nvidia
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from gcrf.kernels import gated_crf as g
-
-def ptxas():
-    try:
-        tool = nvidia.get_ptxas(90)
-    except TypeError:  # older Triton: no arch argument
-        tool = nvidia.get_ptxas()
-    return tool.path if hasattr(tool, "path") else tool[0]
-
-def registers_and_spills(kernel, dtypes, constexprs, options):
-    signature = {}
-    for param in kernel.params:
-        if param.is_constexpr:
-            signature[param.name] = "constexpr"
-        elif param.name.endswith("_ptr"):
-            signature[param.name] = dtypes.get(param.name, "*fp32")
-        else:
-            signature[param.name] = "i32"
-    source = ASTSource(kernel, signature, constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-    assert len(compiled.asm["cubin"]) > 0
-    with tempfile.TemporaryDirectory() as folder:
-        ptx = f"{folder}/kernel.ptx"
-        open(ptx, "w").write(compiled.asm["ptx"])
-        target = re.search(r"\.target\s+(sm_\w+)", compiled.asm["ptx"]).group(1)
-        log = subprocess.run([ptxas(), "-v", f"--gpu-name={target}", ptx, "-o", ptx + ".o"],
-                             capture_output=True, text=True, check=True).stderr
-    registers = int(re.search(r"Used (\d+) registers", log).group(1))
-    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
-    return registers, spills
-
-KERNELS = {"pairwise": g._gated_crf_kernel, "affinity": g._window_affinity_kernel}
-rows = []
-for case in json.loads(sys.argv[1]):
-    autotuner = KERNELS[case["kernel"]]
-    dtype = case.get("dtype", "fp32")
-    dtypes = {"bounds_ptr": "*i32"}
-    if dtype in ("bf16", "fp16"):  # the μ̂ fields are mixed on the host in the fp32 accumulator
-        fields = () if case.get("compat") else ("field_a_ptr", "field_b_ptr")
-        dtypes |= {name: f"*{dtype}" for name in ("probs_ptr", *fields)}
-    if dtype == "fp64":
-        dtypes |= {name: "*fp64" for name in ("probs_ptr", "field_a_ptr", "field_b_ptr",
-                   "features_ptr", "coef_ptr", "partial_ptr", "grad_ptr", "out_ptr")}
-    constexprs = {"NUM_KERNELS": 2, "RADIUS": 5, "RADIUS_D": case.get("radius_d", 0),
-                  "HAS_FEATURES": True, "BLOCK_F": case["block_f"],
-                  "ACC": tl.float64 if dtype == "fp64" else tl.float32,
-                  "HAS_MASK_SRC": True, "HAS_MASK_DST": True}
-    if case["kernel"] == "pairwise":
-        constexprs |= {"HAS_COMPAT": case.get("compat", False), "WITH_GRAD": case["grad"],
-                       "BLOCK_C": case["block_c"]}
-    kept = g._prune_configs(autotuner.configs, {}, **constexprs)
-    for config in kept:
-        options = {"num_warps": config.num_warps, "maxnreg": config.maxnreg}
-        registers, spills = registers_and_spills(
-            autotuner.fn, dtypes, {**constexprs, **config.kwargs}, options)
-        rows.append({**case, **config.kwargs, "num_warps": config.num_warps,
-                     "registers": registers, "spills": spills})
-rows.append({"kernel": "sum", "registers": registers_and_spills(
-    g._sum_partials_kernel, {}, {"BLOCK": 1024}, {"num_warps": 4})[0], "spills": 0})
-print(json.dumps(rows))
-"""
-
-#: Kernels and tile shapes compiled by the default suite: the cases the recipes run (C = 4 to 21,
-#: three colour channels), every dtype and flag branch once.
-AOT_CASES = [
-    {"kernel": "pairwise", "dtype": "bf16", "grad": True, "block_c": 32, "block_f": 4},
-    {"kernel": "pairwise", "dtype": "fp16", "grad": False, "block_c": 32, "block_f": 4},
-    {"kernel": "pairwise", "grad": True, "compat": True, "radius_d": 5, "block_c": 8, "block_f": 4},
-    {
-        "kernel": "pairwise",
-        "dtype": "fp64",
-        "grad": False,
-        "compat": True,
-        "block_c": 32,
-        "block_f": 4,
-    },
-    {"kernel": "affinity", "block_f": 4},
-]
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
+# Compiles the kernels for sm_90 with Triton's own ptxas, without a GPU (benchmarks/registers.py):
+# catches code generation errors (types, layouts, constexpr branches) that the interpreter cannot
+# see, and register spills. Every case is compiled with every autotune config that the pruning keeps
+# for it, and ptxas -v reports the registers and spill bytes of each (printed, and asserted to be
+# zero spills).
 def compile_ahead_of_time(tmp_path, cases) -> list[dict]:
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("Triton's CUDA backend is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from a cache
+    command = [sys.executable, "-m", "benchmarks.registers", "--cases", json.dumps(cases),
+               "--json_rows", "true"]  # fmt: skip
     result = subprocess.run(
-        [sys.executable, "-c", AHEAD_OF_TIME_COMPILE, json.dumps(cases)],
-        capture_output=True, text=True, env=env, timeout=1800,
-    )  # fmt: skip
+        command, capture_output=True, text=True, env=env, timeout=1800, cwd=REPOSITORY
+    )
     if "ptxas" in result.stderr and "not found" in result.stderr.lower():
         pytest.skip("no ptxas available for ahead-of-time compilation")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -644,6 +565,7 @@ def compile_ahead_of_time(tmp_path, cases) -> list[dict]:
 
 def assert_no_spills(rows: list[dict], cases: list[dict]) -> None:
     assert len(rows) > len(cases)  # several kept configurations per case
+    assert all(row["kept"] for row in rows)
     spilling = [row for row in rows if row["spills"] != 0]
     assert not spilling, f"kept autotune configurations that spill registers: {spilling}"
     assert all(0 < row["registers"] <= 255 for row in rows)
@@ -651,30 +573,6 @@ def assert_no_spills(rows: list[dict], cases: list[dict]) -> None:
 
 def test_kernels_compile_for_a_gpu_without_one(tmp_path):
     assert_no_spills(compile_ahead_of_time(tmp_path, AOT_CASES), AOT_CASES)
-
-
-#: The grid the pruning rule was measured on (kernels/gated_crf.py), thinned, plus two branches the
-#: measurement left out (fp32 Potts, bf16 μ̂ in a volume): each case at BLOCK_C 2 to 64 and BLOCK_F
-#: 4 to 64, where the kept configs reach the rule's limit.
-SWEEP_VARIANTS = [
-    {"dtype": "bf16", "grad": True},
-    {"dtype": "fp32", "grad": True},
-    {"dtype": "fp32", "grad": True, "compat": True},
-    {"dtype": "bf16", "grad": True, "compat": True, "radius_d": 2},
-    {"dtype": "fp64", "grad": True},
-    {"dtype": "fp64", "grad": True, "compat": True},
-    {"dtype": "fp16", "grad": False},
-    {"dtype": "fp64", "grad": False, "compat": True},
-]
-SWEEP_CASES = [
-    {"kernel": "pairwise", **variant, "block_c": block_c, "block_f": block_f}
-    for variant in SWEEP_VARIANTS
-    for block_c, block_f in itertools.product((2, 8, 32, 64), (4, 16, 64))
-] + [
-    {"kernel": "affinity", "dtype": dtype, "block_f": f}
-    for dtype in ("fp32", "fp64")
-    for f in (16, 64)
-]
 
 
 @pytest.mark.slow
