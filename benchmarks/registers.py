@@ -37,6 +37,8 @@ from jsonargparse import CLI
 from rich.console import Console
 from rich.table import Table
 
+from gcrf.kernels import gated_crf
+
 __all__ = ["AOT_CASES", "SWEEP_CASES", "compile_cases", "main", "registers_and_spills"]
 
 #: The cases the recipes run (C = 4 to 21, three colour channels), every dtype and flag branch once.
@@ -76,7 +78,7 @@ def sweep_cases(
         {"kernel": "affinity", "dtype": dtype, "block_f": block_f}
         for dtype in ("fp32", "fp64")
         for block_f in block_fs
-        if block_f >= 16
+        if block_f >= 16  # no channel tiles: only wide feature tiles come near a limit
     ]
     return pairwise + affinity
 
@@ -89,6 +91,7 @@ _FP64_POINTERS = (*_FIELDS, "features_ptr", "coef_ptr", "partial_ptr", "grad_ptr
 
 
 def _ptxas() -> str:
+    # Imported here, not at the top: a Triton without the CUDA backend can still import this module.
     import triton.backends.nvidia.compiler as nvidia
 
     try:
@@ -157,8 +160,6 @@ def _case_arguments(case: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any
 
 def compile_cases(cases: list[dict[str, Any]], all_configs: bool = False) -> list[dict[str, Any]]:
     """One row per (case, config): the case, the config, registers, spills and whether it is kept."""
-    from gcrf.kernels import gated_crf
-
     kernels = {
         "pairwise": gated_crf._gated_crf_kernel,
         "affinity": gated_crf._window_affinity_kernel,

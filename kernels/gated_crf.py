@@ -623,7 +623,8 @@ def _pairwise_sum(
     block_c = _channel_block(c)
     num_chunks = triton.cdiv(c, block_c)
     # Room for the most tiles any config can launch; slots a larger tile leaves unused stay 0.
-    min_block_p = min(_INTERPRETER_CONFIG["BLOCK_P"], *(c.kwargs["BLOCK_P"] for c in _GPU_CONFIGS))
+    block_ps = [config.kwargs["BLOCK_P"] for config in _GPU_CONFIGS]
+    min_block_p = min(_INTERPRETER_CONFIG["BLOCK_P"], *block_ps)
     tiles_per_row = triton.cdiv(p, min_block_p)
     partial = torch.zeros(n * num_chunks * tiles_per_row, dtype=acc_dtype, device=probs.device)
     if with_grad:
