@@ -15,7 +15,7 @@ A case is a dict: ``kernel`` ("pairwise" or "affinity"), ``dtype`` of the inputs
 ``compat`` (the μ̂ branch); ``radius_d`` > 0 compiles the 3D kernel. Each case is compiled with
 every autotune config the pruning keeps for it (``--all_configs``: every config), and the table
 says how many compiles spill, and how many spilling configs the pruning would keep (must be 0).
-With ``--json true`` the rows are printed as one JSON list instead (the tests read it).
+With ``--json_rows true`` the rows are printed as one JSON list instead (the tests read it).
 
 The compile runs in this process, so it must not run under ``TRITON_INTERPRET=1`` (the tests
 start it as a subprocess without it).
@@ -65,8 +65,13 @@ SWEEP_VARIANTS: list[dict[str, Any]] = [
 ]
 
 
+#: Tile shapes of the default grid: where the kept configs reach the rule's limits.
+BLOCK_CS: tuple[int, ...] = (2, 8, 32, 64)
+BLOCK_FS: tuple[int, ...] = (4, 16, 64)
+
+
 def sweep_cases(
-    block_cs: tuple[int, ...] = (2, 8, 32, 64), block_fs: tuple[int, ...] = (4, 16, 64)
+    block_cs: tuple[int, ...] = BLOCK_CS, block_fs: tuple[int, ...] = BLOCK_FS
 ) -> list[dict[str, Any]]:
     """Every variant at every tile shape, and the affinity kernel in fp32 and fp64."""
     pairwise = [
@@ -195,14 +200,14 @@ def main(
     Args:
         cases: a JSON list of cases (default: every variant at every ``block_cs`` × ``block_fs``).
         all_configs: compile every autotune config, not only those the pruning keeps.
-        block_cs: channel tiles of the default cases (default 2, 8, 32, 64).
-        block_fs: feature tiles of the default cases (default 4, 16, 64).
+        block_cs: channel tiles of the default cases (default :data:`BLOCK_CS`).
+        block_fs: feature tiles of the default cases (default :data:`BLOCK_FS`).
         json_rows: print the rows as one JSON list on the last line instead of the tables.
     """
     if cases:
         selected = json.loads(cases)
     else:
-        selected = sweep_cases(tuple(block_cs or (2, 8, 32, 64)), tuple(block_fs or (4, 16, 64)))
+        selected = sweep_cases(tuple(block_cs or BLOCK_CS), tuple(block_fs or BLOCK_FS))
     rows = compile_cases(selected, all_configs)
     if json_rows:
         print(json.dumps(rows))
