@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from gcrf.conventions import IGNORE_INDEX
 from gcrf.data.acdc import (
@@ -418,6 +419,7 @@ def _short(tmp_path: Path) -> list[str]:
         "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=2",
         "--trainer.num_sanity_val_steps=0",
+        "--trainer.log_every_n_steps=1",
         f"--trainer.default_root_dir={tmp_path / 'run'}",
     ]
 
@@ -448,6 +450,28 @@ def test_acdc_recipes_train_on_a_fake_tree(tmp_path, tree, recipe, extra, gated_
     assert 0.0 <= float(metrics["val/dice"]) <= 1.0
     best = cli.trainer.checkpoint_callback
     assert best.monitor == "val/dice" and best.best_model_path
+
+
+def test_acdc_declares_volumes_dice_and_intensities_and_its_kernel_follows(tmp_path, tree) -> None:
+    """What ACDCDataModule declares reaches the module and the callbacks; a kernel on the
+    natural images' ``rgb`` is refused before training, naming the modality to use."""
+    import recipes.acdc_scribbles
+    from recipes.presets import ACDC_SCRIBBLES
+
+    assert (ACDCDataModule.validation_kind, ACDCDataModule.monitor) == ("volumes", "val/dice")
+    assert ACDCDataModule.monitor_mode == "max" and ACDCDataModule.image_modality == "intensity"
+    assert ACDC_SCRIBBLES["model.gated_crf_kernels"] == [
+        {"weight": 1.0, "xy": 6.0, "intensity": 0.1}
+    ]
+    root, _ = tree
+    with pytest.raises(ValueError, match=r"\['rgb'\].*image_modality='intensity'"):
+        recipes.acdc_scribbles.main(
+            [
+                f"--data.root={root}",
+                *_short(tmp_path),
+                "--model.loss_gatedcrf_kernels_desc=[{weight: 1, xy: 6, rgb: 0.1}]",
+            ]
+        )
 
 
 def test_volume_validation_scores_the_slice_by_slice_prediction(tmp_path, tree) -> None:
@@ -483,7 +507,7 @@ def test_acdc_compare_runs_the_three_settings(tmp_path, tree, capsys) -> None:
             "--steps=2",
             "--image_size=32",
             "--batch_size=2",
-            "--encoder=resnet10t",
+            "--model_encoder_name=resnet10t",
             "--decoder_channels=[16, 16, 8, 8, 8, 8]",
             f"--output_dir={tmp_path / 'runs'}",
             "--workers=1",
@@ -493,6 +517,16 @@ def test_acdc_compare_runs_the_three_settings(tmp_path, tree, capsys) -> None:
     assert all(r.steps == 2 and 0 <= r.metrics["val/dice"] <= 1 for r in results)
     printed = capsys.readouterr().out
     assert "closes" in printed and "pce_gatedcrf" in printed
+    progress = [line for line in printed.splitlines() if "step 2/2 |" in line]
+    assert sorted(line.split()[1] for line in progress) == ["[full]", "[pce]", "[pce_gatedcrf]"]
+    # The Gated CRF run's kernel: the recipe's, σ_xy scaled from 256² to 32², on "intensity".
+    config = yaml.safe_load(
+        next((tmp_path / "runs" / "pce_gatedcrf").rglob("config.yaml")).read_text()
+    )
+    assert config["model"]["loss_gatedcrf_kernels_desc"] == [
+        {"weight": 1.0, "xy": 0.75, "intensity": 0.1}
+    ]
+    assert config["model"]["loss_gatedcrf_radius"] == 1
     # Each run went through its recipe: its configuration is on disk.
     assert len(list((tmp_path / "runs").rglob("config.yaml"))) == 3
 
