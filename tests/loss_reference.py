@@ -1,10 +1,11 @@
-"""Naive float64 references of the Gated CRF loss (DESIGN §1, docs/CONTRACTS.md §1), for tests only.
+"""Naive float64 references of the Gated CRF core (docs/math.md, docs/CONTRACTS.md §1), for tests only.
 
 Written to be obviously right rather than fast: every pixel, every neighbour of its window, explicit
 coordinates. Only tiny shapes. The pair weights ``W[n, i, j] = G_ij K_ij`` are built by the loop;
 the loss is then ``Σ W φ(y_i, y_j)`` in float64 torch ops, so autograd gives the reference gradient.
 
-- :func:`naive_pairwise_sum` / :func:`naive_window_affinity`: the backend contract, same arguments.
+- :func:`naive_pairwise_sum` / :func:`naive_window_affinity` / :func:`naive_window_message`: the
+  backend contract, same arguments (a field instead of probabilities for the message).
 - :func:`naive_gated_crf_loss`: the whole loss from user-level inputs (dict of modalities, kernel
   descriptors, masks at the image resolution, spacing), sharing no code with ``gcrf.loss``.
 """
@@ -146,6 +147,24 @@ def naive_window_affinity(
     return torch.from_numpy(out)
 
 
+def naive_window_message(
+    field: Tensor,
+    features: Tensor,
+    kernel_slices: Sequence[tuple[int, int]],
+    kernel_weights: Sequence[float],
+    kernel_pos_scales: Sequence[Sequence[float]],
+    radius: int,
+    mask_src: Tensor | None,
+    mask_dst: Tensor | None,
+) -> Tensor:
+    """M_i = Σ_j G_ij K_ij v_j by the pair-weight loop; float64, on CPU, differentiable in field."""
+    weights = naive_weights_from_prepared(
+        features, kernel_slices, kernel_weights, kernel_pos_scales, radius, mask_src, mask_dst
+    )
+    v = field.cpu().to(torch.float64)
+    return torch.einsum("nij,ncj->nci", weights, v.flatten(2)).reshape(v.shape)
+
+
 def area_downsample(tensor: Tensor, size: Sequence[int]) -> Tensor:
     """Average over non-overlapping blocks (the integer-ratio area resize), float64."""
     tensor = tensor.to(torch.float64)
@@ -169,7 +188,7 @@ def naive_gated_crf_loss(
     spacing: Sequence[float] | None = None,
     downsamplers: Mapping[str, Callable[[Tensor, tuple[int, ...]], Tensor]] | None = None,
 ) -> Tensor:
-    """The whole loss of DESIGN §1 from user-level inputs, float64, differentiable w.r.t. probs.
+    """The whole loss of docs/math.md#loss from user-level inputs, float64, differentiable in probs.
 
     Positions: the coordinate of a prediction pixel along axis a is its index times
     ``spacing[a] · ratio[a]`` (ratio = input size / prediction size of that axis), or just its

@@ -5,6 +5,8 @@ Public API:
 - :class:`GatedCRFLoss` (``nn.Module``) and its functional twin :func:`gated_crf_loss`;
 - :class:`ModelLossSemsegGatedCRF`, a drop-in for the published class;
 - :func:`gaussian_affinity` and :func:`kernels_vis` to look at the kernels;
+- :func:`gated_window` and :func:`window_message`, the computational core itself (the message of
+  docs/math.md#message), for other pairwise terms;
 - :func:`choose_backend` / :func:`available_backends` ("torch" everywhere, "triton" on CUDA).
 
 Importing this package needs only torch; the Triton backend is imported lazily when chosen.
@@ -12,6 +14,7 @@ Importing this package needs only torch; the Triton backend is imported lazily w
 
 from gcrf.loss.affinity import gaussian_affinity, kernels_vis
 from gcrf.loss.backends import available_backends, choose_backend
+from gcrf.loss.core import gated_window, window_message
 from gcrf.loss.functional import DEFAULT_KERNELS, gated_crf_loss
 from gcrf.loss.module import GatedCRFLoss
 from gcrf.loss.published import ModelLossSemsegGatedCRF
@@ -23,6 +26,8 @@ __all__ = [
     "available_backends",
     "choose_backend",
     "gated_crf_loss",
+    "gated_window",
     "gaussian_affinity",
     "kernels_vis",
+    "window_message",
 ]

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BACKENDS",
+    "Backend",
     "BackendStatus",
     "available_backends",
     "check_backend_name",
@@ -190,13 +191,25 @@ def preload_backends() -> None:
         _import_triton_backend()
 
 
-def get_backend(name: str) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
-    """The ``(gated_crf_pairwise_sum, window_affinity)`` pair of a resolved backend name."""
+class Backend(NamedTuple):
+    """The three functions of a backend (docs/CONTRACTS.md §1)."""
+
+    pairwise_sum: Callable[..., Tensor]  # gated_crf_pairwise_sum(PairwiseInputs) -> S
+    window_affinity: Callable[..., Tensor]  # window_affinity(GatedWindow) -> N×(2r+1)^k×*S
+    window_message: Callable[..., Tensor]  # window_message(GatedWindow, field) -> M
+
+
+def _backend_of(module: ModuleType) -> Backend:
+    return Backend(module.gated_crf_pairwise_sum, module.window_affinity, module.window_message)
+
+
+def get_backend(name: str) -> Backend:
+    """The functions of a resolved backend name (``"triton"`` or ``"torch"``)."""
     if name == "triton":
         module, why = _import_triton_backend()
         if module is None:
             raise ValueError(f"backend='triton' cannot run: {why}")
-        return module.gated_crf_pairwise_sum, module.window_affinity
+        return _backend_of(module)
     if name == "torch":
-        return torch_backend.gated_crf_pairwise_sum, torch_backend.window_affinity
+        return _backend_of(torch_backend)
     raise ValueError(f"backend must be 'triton' or 'torch'; got {name!r}")
