@@ -34,10 +34,12 @@ Configurations and their pruning: :mod:`gcrf.kernels.autotune`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import triton
@@ -69,6 +71,20 @@ __all__ = [
 
 #: Spatial ranks the Triton backend runs: (h, w) images and (d, h, w) volumes.
 SUPPORTED_SPATIAL_RANKS: tuple[int, ...] = SPATIAL_RANKS
+
+# Launch with the fixed config instead of autotuning (the self-check of gcrf.loss runs tiny cases).
+_UNTUNED: contextvars.ContextVar[bool] = contextvars.ContextVar("gcrf_untuned", default=False)
+
+
+@contextlib.contextmanager
+def untuned() -> Iterator[None]:
+    """Launches inside this block take the fixed config of :func:`autotune.fixed_config`."""
+    token = _UNTUNED.set(True)
+    try:
+        yield
+    finally:
+        _UNTUNED.reset(token)
+
 
 # Channels handled by one program. Larger C is split into chunks (one program each, the affinity
 # recomputed per chunk). Module-level so that the tests can shrink it to exercise the chunked path.
@@ -566,11 +582,12 @@ def _common_launch_args(
 def _launch(kernel: triton.runtime.Autotuner, grid, *args, **kwargs) -> None:
     """Launch an autotuned kernel, or its plain JIT function with the fixed config.
 
-    The fixed config runs in the interpreter and under ``torch.use_deterministic_algorithms(True)``:
-    every launch is bitwise reproducible within a process either way, but only a fixed config makes
-    the result independent of the autotuner's choice (across processes and runs of the benchmark).
+    The fixed config runs in the interpreter, under ``torch.use_deterministic_algorithms(True)`` and
+    inside :func:`untuned`: every launch is bitwise reproducible within a process either way, but
+    only a fixed config makes the result independent of the autotuner's choice (across processes and
+    runs of the benchmark).
     """
-    if autotune.INTERPRET or torch.are_deterministic_algorithms_enabled():
+    if autotune.INTERPRET or torch.are_deterministic_algorithms_enabled() or _UNTUNED.get():
         config = autotune.fixed_config(kwargs)
         logger.debug("%s: fixed config %s (no autotuning)", kernel.fn.__name__, config)
         kernel.fn[grid](*args, **kwargs, **config)

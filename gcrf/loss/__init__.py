@@ -7,7 +7,8 @@ Public API:
 - :func:`gaussian_affinity` and :func:`kernels_vis` to look at the kernels;
 - :func:`gated_window` and :func:`window_message`, the computational core itself (the message of
   docs/math.md#message), for other pairwise terms;
-- :func:`choose_backend` / :func:`available_backends` ("torch" everywhere, "triton" on CUDA).
+- :func:`choose_backend` / :func:`available_backends` ("torch" everywhere, "triton" on CUDA) and
+  :func:`verify_triton`, the self-check that ``backend="auto"`` runs before it trusts Triton.
 
 Importing this package needs only torch; the Triton backend is imported lazily when chosen.
 """
@@ -18,6 +19,7 @@ from gcrf.loss.core import gated_window, window_message
 from gcrf.loss.functional import DEFAULT_KERNELS, gated_crf_loss
 from gcrf.loss.module import GatedCRFLoss
 from gcrf.loss.published import ModelLossSemsegGatedCRF
+from gcrf.loss.selfcheck import verify_triton
 
 __all__ = [
     "DEFAULT_KERNELS",
@@ -29,5 +31,6 @@ __all__ = [
     "gated_window",
     "gaussian_affinity",
     "kernels_vis",
+    "verify_triton",
     "window_message",
 ]
