@@ -10,10 +10,8 @@ import torch
 from scipy import ndimage
 from torchvision.transforms.v2 import functional as TF
 
+from gcrf.conventions import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from gcrf.data.transforms import (
-    IGNORE_INDEX,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     AugmentationConfig,
     RandomGeometry,
     Resampler,

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from gcrf.conventions import IGNORE_INDEX, LABEL_MODALITIES
 from gcrf.data.transforms import AugmentationConfig, build_transform
-from gcrf.data.weak_labels import rasterise_clicks, rasterise_scribbles
+from gcrf.data.weak_labels import rasterise_clicks, scribble_label_map
 
 __all__ = [
     "DATASETS_DIR",
@@ -165,9 +165,9 @@ def label_map(sample: dict[str, Any], modality: str, stroke_width: int = 1) -> t
             return torch.full(size, IGNORE_INDEX, dtype=torch.int64)
         return torch.as_tensor(np.asarray(dense), dtype=torch.int64)
     if modality == "semseg_scribbles":
-        if sample.get("semseg_scribbles") is not None:  # scribbles given as a label map (ACDC)
-            return torch.as_tensor(np.asarray(sample["semseg_scribbles"]), dtype=torch.int64)
-        return rasterise_scribbles(sample.get("scribbles") or [], size, stroke_width)
+        return scribble_label_map(
+            sample.get("scribbles"), sample.get("semseg_scribbles"), size, stroke_width
+        )
     return rasterise_clicks(sample.get("clicks") or [], size, stroke_width)
 
 
