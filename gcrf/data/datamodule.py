@@ -1,9 +1,10 @@
 """The Lightning data module every dataset of gcrf shares.
 
-A dataset of gcrf is a map-style dataset of **raw samples** (see :mod:`gcrf.data.transforms`:
-``image``, ``semseg_dense``, ``scribbles``, ``clicks``, ``index``). :class:`WeakSegmentationDataModule`
-builds the training and validation raw datasets through :meth:`~WeakSegmentationDataModule.build_datasets`
-(the one method a dataset's data module writes), wraps them with the augmentation pipeline of
+A dataset of gcrf is a map-style dataset of **raw samples** (see
+:mod:`gcrf.data.transforms.raw_sample`: ``image``, ``semseg_dense``, ``scribbles``, ``clicks``,
+``index``). :class:`WeakSegmentationDataModule` builds the training and validation raw datasets
+through :meth:`~WeakSegmentationDataModule.build_datasets` (the one method a dataset's data module
+writes), wraps them with the augmentation pipeline of
 :func:`gcrf.data.transforms.build_transform`, and serves the batches of CONTRACTS §2 together with
 what the training module reads from a data module: ``num_classes``, ``class_names``, ``palette`` and
 :meth:`~WeakSegmentationDataModule.label_histogram` (for the class weights of cross entropy).
@@ -176,7 +177,11 @@ class WeakSegmentationDataModule(pl.LightningDataModule):
 
     Subclasses set ``num_classes``, ``class_names`` and ``palette`` and implement
     :meth:`build_datasets`. Everything else — augmentation, loaders, seeding, the label histogram —
-    lives here once.
+    lives here once. A subclass's ``__init__`` takes its own arguments and ``**kwargs``, passed on
+    as ``super().__init__(**kwargs)``: jsonargparse follows that call, so LightningCLI lists the
+    arguments below (``--data.batch_size``, ...) for every data module, with the types, defaults and
+    help written here. A subclass names one of them in its own signature only to give it another
+    default (or, passing it explicitly, to fix it and take it off the command line).
 
     Args:
         augmentation: augmentation settings (published ``aug_*`` flags); ``None``: the defaults of

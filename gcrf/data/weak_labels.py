@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from gcrf.conventions import IGNORE_INDEX
+from gcrf.data.palettes import VOC_CLASS_NAMES
 
 __all__ = [
     "IGNORE_INDEX",
@@ -53,29 +54,17 @@ __all__ = [
     "shorten_polyline",
 ]
 
-#: ScribbleSup class tags in VOC class order (index = VOC class id).
-SCRIBBLESUP_TAGS: tuple[str, ...] = (
-    "background",
-    "plane",
-    "bike",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "table",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "plant",
-    "sheep",
-    "sofa",
-    "train",
-    "monitor",
+#: ScribbleSup class tags in VOC class order (index = VOC class id): the VOC class names, five of
+#: them shortened.
+SCRIBBLESUP_TAGS: tuple[str, ...] = tuple(
+    {
+        "aeroplane": "plane",
+        "bicycle": "bike",
+        "diningtable": "table",
+        "pottedplant": "plant",
+        "tvmonitor": "monitor",
+    }.get(name, name)
+    for name in VOC_CLASS_NAMES
 )
 
 Scribble = tuple[int, np.ndarray]
