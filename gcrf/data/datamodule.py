@@ -8,6 +8,13 @@ writes), wraps them with the augmentation pipeline of
 :func:`gcrf.data.transforms.build_transform`, and serves the batches of CONTRACTS §2 together with
 what the training module reads from a data module: ``num_classes``, ``class_names``, ``palette`` and
 :meth:`~WeakSegmentationDataModule.label_histogram` (for the class weights of cross entropy).
+
+The arguments of :class:`WeakSegmentationDataModule` (``augmentation``, ``batch_size``, ...) have
+one home, its ``__init__``: a data module's ``__init__`` takes its own arguments and ``**kwargs``,
+passed on as ``super().__init__(**kwargs)``. jsonargparse follows that call, so LightningCLI lists
+them (``--data.batch_size``, ...) for every data module with the types, defaults and help written
+there. A data module names one of them in its own signature only to give it another default (or,
+passing it itself, to fix it and take it off the command line).
 """
 
 from __future__ import annotations
@@ -177,11 +184,7 @@ class WeakSegmentationDataModule(pl.LightningDataModule):
 
     Subclasses set ``num_classes``, ``class_names`` and ``palette`` and implement
     :meth:`build_datasets`. Everything else — augmentation, loaders, seeding, the label histogram —
-    lives here once. A subclass's ``__init__`` takes its own arguments and ``**kwargs``, passed on
-    as ``super().__init__(**kwargs)``: jsonargparse follows that call, so LightningCLI lists the
-    arguments below (``--data.batch_size``, ...) for every data module, with the types, defaults and
-    help written here. A subclass names one of them in its own signature only to give it another
-    default (or, passing it explicitly, to fix it and take it off the command line).
+    lives here once.
 
     Args:
         augmentation: augmentation settings (published ``aug_*`` flags); ``None``: the defaults of
