@@ -22,12 +22,11 @@ from (``[scribbles_gatedcrf] step 50/1000 | train/loss …``).
 
 from __future__ import annotations
 
-import inspect
 import sys
 import time
 from typing import Any
 
-from jsonargparse import CLI
+from jsonargparse import CLI, ArgumentParser
 from rich.console import Console
 from rich.table import Table
 
@@ -57,6 +56,14 @@ SETTINGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         {"model.cross_entropy_modality": "semseg_scribbles", "model.gated_crf": True},
     ),
 )
+
+
+def _data_settings() -> set[str]:
+    """The arguments of ``--data.*`` in ``recipes.synthetic``: SyntheticDataModule's, with those
+    it forwards to its base class, as the command line resolves them."""
+    parser = ArgumentParser()
+    parser.add_class_arguments(SyntheticDataModule, "data")
+    return set(parser.get_defaults()["data"].as_dict())
 
 
 def _check_names(group: str, given: dict[str, Any], known: set[str]) -> None:
@@ -105,7 +112,7 @@ def demo(
         One :class:`~recipes.runs.RunResult` per run (``.miou``, ``.checkpoint``, ``.log_dir``).
     """
     data, model = dict(data or {}), dict(model or {})
-    _check_names("data", data, set(inspect.signature(SyntheticDataModule).parameters))
+    _check_names("data", data, _data_settings())
     _check_names("model", model, set(model_settings()))
     common = {
         "seed_everything": seed,
