@@ -104,8 +104,11 @@ def gaussian_affinity(
             feature maps (no resizing).
         pixels: optional list of pixel coordinates ``(y, x)`` (``(z, y, x)``) at the prediction
             size; then only the window around each is returned.
-        mask_src, mask_dst: optional gates, as for the loss.
-        downsamplers, spacing, backend: as for the loss.
+        mask_src: optional gate of the neighbour, as for the loss.
+        mask_dst: optional gate of the centre, as for the loss.
+        downsamplers: as for the loss.
+        spacing: as for the loss.
+        backend: as for the loss.
 
     Shape:
         Returns N×(2r+1)^k×*size without ``pixels``: entry ``[n, o, i]`` is the affinity between
