@@ -59,16 +59,12 @@ def gaussian_affinity(
 
     Args:
         features: modality name → N×D×H×W (N×D×D'×H×W) feature map, as for the loss.
-        kernels: kernel descriptors, as for the loss (:meth:`LossConfig.build`).
-        radius: window radius r, as for the loss.
+        kernels, radius, downsamplers, spacing: the configuration (:meth:`LossConfig.build`).
         size: prediction size (h, w) or (d, h, w) at which K is computed; default: the size of the
             feature maps (no resizing).
         pixels: optional list of pixel coordinates ``(y, x)`` (``(z, y, x)``) at the prediction
             size; then only the window around each is returned.
-        mask_src: optional gate of the neighbour, as for the loss.
-        mask_dst: optional gate of the centre, as for the loss.
-        downsamplers: as for the loss.
-        spacing: as for the loss.
+        mask_src, mask_dst: optional gates, as for the loss.
         backend: as for the loss.
 
     Shape:

@@ -113,8 +113,7 @@ class GatedCRFLoss(nn.Module):
         Args:
             features: the modalities passed to :meth:`forward`.
             size: spatial size of the probabilities the loss sees ((h, w) or (d, h, w)).
-            mask_src: the source gate passed to :meth:`forward`.
-            mask_dst: the destination gate passed to :meth:`forward`.
+            mask_src, mask_dst: the gates passed to :meth:`forward`.
 
         Shape:
             Returns N×(2r+1)^k×*size.
@@ -135,10 +134,7 @@ class GatedCRFLoss(nn.Module):
         """The published ``kernels_vis`` tiling of :meth:`affinity` (images), N×1×H×W.
 
         Args:
-            features: as for :meth:`affinity`.
-            size: as for :meth:`affinity`.
-            mask_src: as for :meth:`affinity`.
-            mask_dst: as for :meth:`affinity`.
+            features, size, mask_src, mask_dst: as for :meth:`affinity`.
             output_size: (H, W) of the picture (default: the spatial size of the features).
         """
         affinity = self.affinity(features, size, mask_src, mask_dst)

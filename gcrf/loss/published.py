@@ -80,10 +80,8 @@ class ModelLossSemsegGatedCRF(nn.Module):
                 itself: every modality other than ``"xy"`` then reads that tensor (so
                 ``{"xy": 6, "rgb": 0.1}`` is a kernel over position and the image's intensities,
                 in the units of the tensor, e.g. [0, 1] MR intensities).
-            height_input: image height H, an integer multiple of h (the same factor as W / w).
-            width_input: image width W, an integer multiple of w (the same factor as H / h).
-            mask_src: optional N×1×H×W gate of the neighbour.
-            mask_dst: optional N×1×H×W gate of the centre.
+            height_input, width_input: image size, an integer multiple of h×w (same factor).
+            mask_src, mask_dst: optional N×1×H×W gates.
             compatibility: optional C×C class compatibility μ.
             custom_modality_downsamplers: modality → ``f(tensor, (h, w))``; ``"mask"`` for masks.
             out_kernels_vis: also return the tiled kernel visualisation.
