@@ -108,6 +108,23 @@ def _tile_coordinates(pid_p, P, H, W, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def _channel_tile(P, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's (pixel tile, channel chunk, sample) of the channel-tiled kernels.
+
+    Returns the sample index (int64), the tile's pixel indices, in-range mask and (d, h, w)
+    coordinates, and the chunk's channel mask and int64 channel offsets (channel × P).
+    """
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_n = tl.program_id(2).to(tl.int64)
+    offs_p, p_mask, d_i, h_i, w_i = _tile_coordinates(pid_p, P, H, W, BLOCK_P)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    offs_c64 = offs_c.to(tl.int64) * P
+    return pid_n, offs_p, p_mask, d_i, h_i, w_i, c_mask, offs_c64
+
+
+@triton.jit
 def _load_tile_features(
     features_n_ptr,
     offs_p,
@@ -293,14 +310,9 @@ def _gated_crf_kernel(
     #                Potts: ∂S/∂y = −M, S = Σ_ij G_ij K_ij − ½ Σ_i ⟨y_i, M_i⟩;
     #                μ̂: ∂S/∂y = M, S = ½ Σ_i ⟨y_i, M_i⟩.
     # Σ_ij G_ij K_ij does not depend on the channels: chunk 0 adds it.
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_n = tl.program_id(2).to(tl.int64)
-
-    offs_p, p_mask, d_i, h_i, w_i = _tile_coordinates(pid_p, P, H, W, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = offs_c < C
-    offs_c64 = offs_c.to(tl.int64) * P
+    pid_n, offs_p, p_mask, d_i, h_i, w_i, c_mask, offs_c64 = _channel_tile(
+        P, H, W, C, BLOCK_P, BLOCK_C
+    )
     field_a_n_ptr = field_a_ptr + pid_n * C * P
     field_b_n_ptr = field_b_ptr + pid_n * C * P
     features_n_ptr = features_ptr + pid_n * NUM_FEATURES * P
@@ -350,9 +362,10 @@ def _gated_crf_kernel(
     dot = tl.sum(tl.sum(y_i * message, axis=1), axis=0)
     partial = dot * 0.5 if WITH_GRAD else dot
     if not HAS_COMPAT:
-        partial = tl.sum(weight_sum, axis=0) * (pid_c == 0).to(ACC) - partial
+        partial = tl.sum(weight_sum, axis=0) * (tl.program_id(1) == 0).to(ACC) - partial
     num_chunks = tl.num_programs(1)
-    tl.store(partial_ptr + (pid_n * num_chunks + pid_c) * tiles_per_row + pid_p, partial)
+    slot = (pid_n * num_chunks + tl.program_id(1)) * tiles_per_row + tl.program_id(0)
+    tl.store(partial_ptr + slot, partial)
     if WITH_GRAD:
         grad = message if HAS_COMPAT else -message
         tl.store(
@@ -460,14 +473,9 @@ def _window_message_kernel(
     BLOCK_P: tl.constexpr,
 ):
     # M_i = m_dst(i) · Σ_j K_ij m_src(j) v_j: the sum runs over the window, the centre gate last.
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_n = tl.program_id(2).to(tl.int64)
-
-    offs_p, p_mask, d_i, h_i, w_i = _tile_coordinates(pid_p, P, H, W, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = offs_c < C
-    offs_c64 = offs_c.to(tl.int64) * P
+    pid_n, offs_p, p_mask, d_i, h_i, w_i, c_mask, offs_c64 = _channel_tile(
+        P, H, W, C, BLOCK_P, BLOCK_C
+    )
     field_n_ptr = field_ptr + pid_n * C * P
     features_n_ptr = features_ptr + pid_n * NUM_FEATURES * P
     mask_src_n_ptr = mask_src_ptr + pid_n * P
@@ -974,19 +982,8 @@ def window_affinity(window: GatedWindow) -> Tensor:
 def window_message(window: GatedWindow, field: Tensor) -> Tensor:
     """The message ``M_i = Σ_{j∈W(i)} G_ij K_ij v_j`` of a field (docs/math.md#message), in Triton.
 
-    Differentiable w.r.t. ``field`` (the backward is this filter with the gate transposed), also
-    twice. Registered as ``torch.ops.gcrf.window_message``; bitwise reproducible run to run.
-
-    Args:
-        window: the gated window (features already divided by σ, kernel tables, radius, gates).
-        field: the per-pixel vector field ``v`` (fp16/bf16/fp32, accumulated in fp32; fp64 in
-            fp64).
-
-    Shape:
-        field: N×C×*S with the window's N and S → N×C×*S.
-
-    Returns:
-        ``M``, float32 (float64 for a float64 field).
+    The contract of :func:`gcrf.loss.torch_backend.window_message` (docs/CONTRACTS.md §1), fused:
+    registered as ``torch.ops.gcrf.window_message``, bitwise reproducible run to run.
 
     Example:
         >>> rgb = torch.rand(1, 3, 32, 32, device="cuda") / 0.1

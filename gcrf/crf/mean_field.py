@@ -23,7 +23,13 @@ from torch import Tensor, nn
 
 from gcrf.kernels.window import GatedWindow, accumulation_dtype, check_field, describe
 from gcrf.loss.backends import check_backend_name, choose_backend, get_backend, preload_backends
-from gcrf.loss.functional import Downsampler, KernelDescriptor, LossConfig, prepare_window
+from gcrf.loss.functional import (
+    Downsampler,
+    KernelDescriptor,
+    LossConfig,
+    check_compatibility,
+    prepare_window,
+)
 
 __all__ = ["MeanFieldCRF", "mean_field", "mean_field_crf", "validate_iterations"]
 
@@ -37,31 +43,6 @@ def validate_iterations(iterations: Any) -> int:
     if iterations < 1:
         raise ValueError(f"iterations must be a positive int; got {iterations!r}")
     return int(iterations)
-
-
-def validate_crf_compatibility(compatibility: Any) -> Tensor | None:
-    """μ of the CRF: None (Potts) or a square, finite, non-negative floating C×C tensor.
-
-    Unlike the loss's μ it is used as given (not normalised), its diagonal may be non-zero, and it
-    may require grad (a learnable μ). Value checks are skipped under ``torch.compile``.
-    """
-    if compatibility is None:
-        return None
-    if not isinstance(compatibility, Tensor):
-        raise TypeError(
-            f"compatibility must be a C×C torch.Tensor or None; got {type(compatibility).__name__}"
-        )
-    if compatibility.dim() != 2 or compatibility.shape[0] != compatibility.shape[1]:
-        raise ValueError(f"compatibility must be a C×C matrix; got {describe(compatibility)}")
-    if not compatibility.is_floating_point():
-        raise TypeError(f"compatibility must be a floating tensor; got {describe(compatibility)}")
-    if not torch.compiler.is_compiling():
-        values = compatibility.detach()
-        if not bool(torch.isfinite(values).all()):
-            raise ValueError(f"compatibility has non-finite values: {values.tolist()}")
-        if bool((values < 0).any()):
-            raise ValueError(f"compatibility must be >= 0; got {values.tolist()}")
-    return compatibility
 
 
 def mean_field(
@@ -90,7 +71,7 @@ def mean_field(
     iterations = validate_iterations(iterations)
     num_classes = logits.shape[1]
     acc = accumulation_dtype(logits.dtype)
-    mu = validate_crf_compatibility(compatibility)
+    mu = check_compatibility(compatibility, allow_grad=True, zero_diagonal=False)
     if mu is not None:
         if tuple(mu.shape) != (num_classes, num_classes):
             raise ValueError(
@@ -210,7 +191,7 @@ class MeanFieldCRF(nn.Module):
         self._config = _config(kernels, radius, downsamplers, spacing)
         self._kernels_desc = [dict(k) for k in kernels]
         self.iterations = validate_iterations(iterations)
-        compatibility = validate_crf_compatibility(compatibility)
+        compatibility = check_compatibility(compatibility, allow_grad=True, zero_diagonal=False)
         if isinstance(compatibility, nn.Parameter):
             self.compatibility = compatibility
         else:

@@ -147,8 +147,15 @@ def validate_spacing(spacing: Sequence[float] | None) -> tuple[float, ...] | Non
     return tuple(_check_positive_number(s, f"spacing[{a}]") for a, s in enumerate(spacing))
 
 
-def validate_compatibility(compatibility: Tensor | None) -> Tensor | None:
-    """Check μ: a square, non-negative, zero-diagonal floating matrix (values skipped when compiling)."""
+def check_compatibility(
+    compatibility: Any, *, allow_grad: bool = False, zero_diagonal: bool = True
+) -> Tensor | None:
+    """Check μ: None, or a square, finite, non-negative floating matrix.
+
+    The loss's μ (the defaults) must also have a zero diagonal and must not require grad; the CRF's
+    (``allow_grad=True, zero_diagonal=False``) may be learnt and penalise agreeing neighbours. Value
+    checks are skipped under ``torch.compile``.
+    """
     if compatibility is None:
         return None
     if not isinstance(compatibility, Tensor):
@@ -159,17 +166,18 @@ def validate_compatibility(compatibility: Tensor | None) -> Tensor | None:
         raise ValueError(f"compatibility must be a C×C matrix; got {describe(compatibility)}")
     if not compatibility.is_floating_point():
         raise TypeError(f"compatibility must be a floating tensor; got {describe(compatibility)}")
-    if compatibility.requires_grad:
+    if compatibility.requires_grad and not allow_grad:
         raise ValueError("compatibility must not require grad; pass compatibility.detach()")
     if not _is_compiling():
-        if not bool(torch.isfinite(compatibility).all()):
-            raise ValueError(f"compatibility has non-finite values: {compatibility.tolist()}")
-        if bool((compatibility < 0).any()):
-            raise ValueError(f"compatibility must be >= 0; got {compatibility.tolist()}")
-        if bool((compatibility.diagonal() != 0).any()):
+        values = compatibility.detach()
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(f"compatibility has non-finite values: {values.tolist()}")
+        if bool((values < 0).any()):
+            raise ValueError(f"compatibility must be >= 0; got {values.tolist()}")
+        if zero_diagonal and bool((values.diagonal() != 0).any()):
             raise ValueError(
                 f"compatibility must have a zero diagonal; got diagonal "
-                f"{compatibility.diagonal().tolist()}"
+                f"{values.diagonal().tolist()}"
             )
     return compatibility
 
@@ -237,7 +245,7 @@ class LossConfig:
         return cls(
             kernels=validate_kernels(kernels),
             radius=check_radius(radius),
-            compatibility=validate_compatibility(compatibility),
+            compatibility=check_compatibility(compatibility),
             downsamplers=validate_downsamplers(downsamplers),
             spacing=validate_spacing(spacing),
         )
