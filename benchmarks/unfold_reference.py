@@ -5,8 +5,9 @@ not part of the library: it materialises the N×C×(2r+1)²×h×w unfolded tenso
 window), so its memory grows with the window. Same mathematics as the published
 ``ModelLossSemsegGatedCRF``: features zero-padded at the border, kernels towards out-of-image pixels
 kept in ``Σ K``, masks multiplied in, loss ``(Σ K − Σ K·y_j·y_i) / D`` (Potts) or the intent of its
-broken compatibility branch. Known, deliberate difference of gcrf (README): without ``mask_src`` the
-published value is larger by a y-independent constant; with ``mask_src`` they agree.
+broken compatibility branch. Known, deliberate difference of gcrf
+(docs/math.md#published-differences): without ``mask_src`` the published value is larger by a
+y-independent constant; with ``mask_src`` they agree.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import yaml
 
 from recipes import synthetic
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+FLAGS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
 
 #: Every argument of the published ``scripts/train.py`` (its README's usage block), in order.
 PUBLISHED_FLAGS = (
@@ -59,8 +59,8 @@ PUBLISHED_FLAGS = (
 
 
 def flag_table() -> dict[str, str]:
-    """The README's published-flag table: old flag → the text of its "gcrf" cell."""
-    text = README.read_text()
+    """The published-flag table of docs/recipes.md: old flag → the text of its "gcrf" cell."""
+    text = FLAGS_PAGE.read_text()
     block = text.split("<!-- published-flags:start -->")[1].split("<!-- published-flags:end -->")[0]
     rows = {}
     for line in block.splitlines():
@@ -104,7 +104,7 @@ def test_the_flag_table_names_real_arguments(capsys) -> None:
         assert named, f"{old} maps to no new argument: {cell!r}"
         new_flags.extend(named)
     missing = sorted(flag for flag in new_flags if flag not in keys)
-    assert not missing, f"the README table names arguments the CLI does not have: {missing}"
+    assert not missing, f"the flag table names arguments the CLI does not have: {missing}"
 
 
 def test_recipe_defaults_reach_the_objects() -> None:
