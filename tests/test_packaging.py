@@ -7,8 +7,9 @@ editable install still finds it, so only this test notices.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
