@@ -37,7 +37,7 @@ from jsonargparse import CLI
 from rich.console import Console
 from rich.table import Table
 
-from gcrf.kernels import gated_crf
+from gcrf.kernels import autotune, gated_crf
 
 __all__ = ["AOT_CASES", "SWEEP_CASES", "compile_cases", "main", "registers_and_spills"]
 
@@ -49,9 +49,11 @@ AOT_CASES: list[dict[str, Any]] = [
     {"kernel": "pairwise", "dtype": "fp64", "compat": True, "grad": False, "block_c": 32,
      "block_f": 4},
     {"kernel": "affinity", "block_f": 4},
+    {"kernel": "message", "dtype": "bf16", "block_c": 32, "block_f": 4},
+    {"kernel": "message", "radius_d": 2, "block_c": 4, "block_f": 4},
 ]  # fmt: skip
 
-#: Branches of the measured grid (kernels/gated_crf.py), plus two the fit never saw (fp32 Potts,
+#: Branches of the measured grid (kernels/autotune.py), plus two the fit never saw (fp32 Potts,
 #: bf16 μ̂ in a volume).
 SWEEP_VARIANTS: list[dict[str, Any]] = [
     {"dtype": "bf16", "grad": True},
@@ -91,7 +93,7 @@ def sweep_cases(
 #: The measured grid, thinned to where the kept configs reach the rule's limits (the slow test).
 SWEEP_CASES = sweep_cases()
 
-_FIELDS = ("probs_ptr", "field_a_ptr", "field_b_ptr")
+_FIELDS = ("probs_ptr", "field_a_ptr", "field_b_ptr", "field_ptr")
 _FP64_POINTERS = (*_FIELDS, "features_ptr", "coef_ptr", "partial_ptr", "grad_ptr", "out_ptr")
 
 
@@ -145,7 +147,7 @@ def _case_arguments(case: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any
     elif dtype == "fp64":
         dtypes |= {name: "*fp64" for name in _FP64_POINTERS}
     constexprs = {
-        "NUM_KERNELS": 2,
+        "NUM_GAUSSIANS": 2,
         "RADIUS": 5,
         "RADIUS_D": case.get("radius_d", 0),
         "HAS_FEATURES": True,
@@ -160,6 +162,8 @@ def _case_arguments(case: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any
             "WITH_GRAD": case["grad"],
             "BLOCK_C": case["block_c"],
         }
+    elif case["kernel"] == "message":
+        constexprs["BLOCK_C"] = case["block_c"]
     return dtypes, constexprs
 
 
@@ -168,12 +172,13 @@ def compile_cases(cases: list[dict[str, Any]], all_configs: bool = False) -> lis
     kernels = {
         "pairwise": gated_crf._gated_crf_kernel,
         "affinity": gated_crf._window_affinity_kernel,
+        "message": gated_crf._window_message_kernel,
     }
     rows = []
     for case in cases:
         autotuner = kernels[case["kernel"]]
         dtypes, constexprs = _case_arguments(case)
-        kept = gated_crf._prune_configs(autotuner.configs, {}, **constexprs)
+        kept = autotune.prune_configs(autotuner.configs, {}, **constexprs)
         for config in autotuner.configs if all_configs else kept:
             options = {"num_warps": config.num_warps, "maxnreg": config.maxnreg}
             registers, spills = registers_and_spills(

@@ -1,44 +1,45 @@
-"""Fused Triton kernels of the Gated CRF loss: the pairwise sum with its gradient, window affinity.
+"""Fused Triton kernels of the Gated CRF core: the pairwise sum with its gradient, the window
+affinity and the window message (docs/math.md#message; the contract: docs/CONTRACTS.md §1).
 
-The whole loss reduces to one windowed, gated Gaussian filter (DESIGN §2). For a per-pixel vector
-field ``v`` the *message* at pixel ``i`` is
+Everything here is one windowed, gated Gaussian filter, the message
+``M_i = Σ_{j∈W(i)} G_ij K_ij v_j`` of docs/math.md#message, with the affinity ``K`` and gate ``G``
+of docs/math.md#kernel and #gates:
 
-    M_i = Σ_{j ∈ W(i), j ≠ i, j inside the image} G_ij · K_ij · v_j
+- :func:`gated_crf_pairwise_sum`: ``S`` of the loss (docs/math.md#loss), and ``∂S/∂y`` from the same
+  sweep when a gradient is needed;
+- :func:`window_affinity`: ``G_ij K_ij`` for every pixel and window offset;
+- :func:`window_message`: ``M`` of a field ``v`` (the mean-field update of docs/math.md#mean-field),
+  differentiable w.r.t. ``v`` (the backward is the same filter with the transposed gate).
 
-with ``G_ij = m_dst(i) · m_src(j)`` and ``K_ij = Σ_k w_k · exp(-½ (‖f_k(i) − f_k(j)‖² + ‖δ ⊙ s_k‖²))``,
-``δ = j − i`` in pixels and ``s_k`` the per-axis position scale of kernel ``k``. The position term
-depends on the offset only, so it is folded, together with ``w_k``, into a small per-offset table
-``coef[o, k] = w_k · exp(-½ ‖δ_o ⊙ s_k‖²)`` computed once on the host (``coef = 0`` at the centre
-offset, which removes ``j = i`` without a branch). Pixel coordinates are never loaded.
+Names: a *kernel* here is a GPU kernel (``@triton.jit`` function launched on a grid); the Gaussian
+``K`` is the *affinity*, a sum of ``NUM_GAUSSIANS`` weighted Gaussian terms (one per kernel
+descriptor of the user-level API).
 
-Value (``S`` of docs/CONTRACTS.md §1), one gate, v = y (Potts) or μ̂y:
-    Potts:  S = Σ_i Σ_j G_ij K_ij (1 − ⟨y_i, y_j⟩) = Σ_ij G_ij K_ij − Σ_i ⟨y_i, M_i⟩
-    μ̂:      S = Σ_i Σ_j G_ij K_ij y_iᵀ μ̂ y_j = Σ_i ⟨y_i, M_i⟩
-Gradient (K is symmetric and j ∈ W(i) ⇔ i ∈ W(j)): the same filter with the transposed gate
-``G_ji = m_src(i) · m_dst(j)`` added,
-    Potts:  ∂S/∂y_i = −Σ_j (G_ij + G_ji) K_ij y_j
-    μ̂:      ∂S/∂y_i =  Σ_j K_ij (G_ij (μ̂ y_j) + G_ji (μ̂ᵀ y_j))
-and S follows from that message too (Σ_i ⟨y_i, M_i⟩ counts every pair twice), so when probs need a
-gradient one sweep produces both: the value and ∂S/∂y (fp32, one probs-sized buffer saved for the
-backward, which only scales it by the upstream gradient). K is computed once, in registers, and never
-stored: storing it would cost N·(2r+1)^k·h·w floats, the memory wall this project removes. Without a
-gradient the sweep uses one gate and writes nothing but its partial sums.
+The position term of ``K`` depends on the offset only, so it is folded, together with ``w_k``, into a
+small per-offset table ``coef[o, k] = w_k · exp(-½ ‖δ_o ⊙ s_k‖²)`` computed once on the host
+(``coef = 0`` at the centre offset, which removes ``j = i`` without a branch). Pixel coordinates are
+never loaded. Every kernel walks the window through one device function, :func:`_neighbour`: for an
+offset it gives the neighbour's index, whether it is inside the image, its affinity and its source
+gate.
 
 Launch layout: one program per (tile of ``BLOCK_P`` flattened pixels, chunk of ``BLOCK_C`` channels,
-sample). The program loops over the window offsets, loads the shifted neighbour features / masks /
-probabilities (out-of-image neighbours are masked loads; neighbouring tiles share them through the
-cache), computes K in registers and accumulates the message in fp32 (fp64 for fp64 inputs). It
-reduces its loss terms into one partial sum, written to its own slot of a buffer; a second
+sample). The program loops over the window offsets, loads the shifted neighbour features / gates /
+field (out-of-image neighbours are masked loads; neighbouring tiles share them through the cache),
+computes the affinity in registers and accumulates in fp32 (fp64 for fp64 inputs). The pairwise sum
+reduces its terms into one partial sum per program, written to its own slot of a buffer; a second
 single-program kernel adds the slots in a fixed order. No atomics anywhere, so results are bitwise
 reproducible run to run. 2D inputs run as 3D volumes of depth 1 with a depth radius of 0.
+Configurations and their pruning: :mod:`gcrf.kernels.autotune`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import triton
@@ -46,11 +47,14 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from gcrf.kernels import autotune
 from gcrf.kernels.window import (
     SPATIAL_RANKS,
     GatedWindow,
     PairwiseInputs,
     accumulation_dtype,
+    check_field,
+    check_type,
     flat_tables,
 )
 
@@ -62,115 +66,29 @@ __all__ = [
     "PairwiseInputs",
     "gated_crf_pairwise_sum",
     "window_affinity",
+    "window_message",
 ]
 
 #: Spatial ranks the Triton backend runs: (h, w) images and (d, h, w) volumes.
 SUPPORTED_SPATIAL_RANKS: tuple[int, ...] = SPATIAL_RANKS
 
-# Channels handled by one program. Larger C is split into chunks (one program each, K recomputed per
-# chunk). Module-level so that the tests can shrink it to exercise the chunked path on tiny shapes.
+# Launch with the fixed config instead of autotuning (the self-check of gcrf.loss runs tiny cases).
+_UNTUNED: contextvars.ContextVar[bool] = contextvars.ContextVar("gcrf_untuned", default=False)
+
+
+@contextlib.contextmanager
+def untuned() -> Iterator[None]:
+    """Launches inside this block take the fixed config of :func:`autotune.fixed_config`."""
+    token = _UNTUNED.set(True)
+    try:
+        yield
+    finally:
+        _UNTUNED.reset(token)
+
+
+# Channels handled by one program. Larger C is split into chunks (one program each, the affinity
+# recomputed per chunk). Module-level so that the tests can shrink it to exercise the chunked path.
 _MAX_BLOCK_C = 64
-
-_INTERPRET = bool(triton.knobs.runtime.interpret)
-
-# Block sizes / warps to tune over on a GPU. What limits these kernels is registers: per thread a
-# program holds the channel tiles (message and neighbour probabilities; message and the two μ̂
-# fields for the μ̂ gradient: BLOCK_P·BLOCK_C values each over 32·num_warps threads) and the
-# feature tiles (centre and neighbour: BLOCK_P·BLOCK_F each), twice as many registers in fp64.
-# Every config sets ``maxnreg=255``: without it ptxas trades a few spilled bytes for occupancy at
-# some small tiles (e.g. fp64 with 8 channels at 128 pixels × 8 warps: 80 registers and 8 bytes
-# spilled; with it 96 registers, none). Measured with ptxas for sm_90 over BLOCK_C 2–64 × BLOCK_F
-# 4–64 × {bf16 Potts, fp32 μ̂, fp64 Potts, fp64 μ̂; fp32, bf16, fp64 μ̂ in 3D} with a gradient,
-# {fp16 Potts, fp64 μ̂} without, and the affinity kernel (BLOCK_C 0) in fp32/fp64, every config:
-# 1 960 compiles, 565 spill, and every one that spills has
-#   values per thread = BLOCK_P · (a · BLOCK_C + 0.75 · BLOCK_F) · (2 in fp64) / (32 · num_warps),
-#   a = 1.5 for the μ̂ gradient (three channel tiles instead of two), else 1,
-# above 35, or above 30 where a pixel is split over several threads (fewer than one pixel per
-# thread: the per-pixel values, window kernel, gates, coordinates, are held by each of them). The
-# nearest: fp32 μ̂ in 3D, 8 channels, 32 features at one pixel per thread (36: 36 bytes) and bf16
-# Potts, 16 channels, 64 features at half a pixel (32: 88 bytes), while bf16 Potts with 32 channels
-# and 4 features fits at one pixel per thread (35: 236 registers, the VOC recipe's tile). Configs
-# above the limit are pruned, which keeps 1 193 of the 1 395 that fit. Where no config is under its
-# limit the lightest, 32 pixels × 8 warps, is kept: it holds the widest measured tile (64
-# channels, 64 features, fp64 μ̂ gradient in 3D) in 201 registers; feature tiles wider than 64 may
-# spill there. `python -m benchmarks.registers` compiles any such grid (`--all_configs true` for
-# the sweep); tests/test_kernels.py compiles every kept config of the recipes' cases (and, marked
-# slow, of the grid) and asserts zero spills.
-_MAXNREG = 255
-_GPU_CONFIGS = [
-    triton.Config({"BLOCK_P": block_p}, num_warps=num_warps, maxnreg=_MAXNREG)
-    for block_p, num_warps in ((32, 8), (32, 4), (64, 2), (64, 4), (128, 4), (128, 8), (256, 8))
-]
-# The config used without tuning: under torch.use_deterministic_algorithms(True), where the
-# partial-sum layout and the reduction order must not depend on what the autotuner picked in this
-# process (the pruning is a pure function of the tile shape, so its choice is reproducible), and
-# in the interpreter, where tuning would only multiply the test time and the cost is per program,
-# not per pixel (hence the large tile).
-_INTERPRETER_CONFIG = {"BLOCK_P": 256, "num_warps": 8}
-_PREFERRED_FIXED_CONFIG = _GPU_CONFIGS[3]  # 64 pixels × 4 warps, where it fits
-# Shapes and flags that change the work per pixel (a kernel without a flag skips it in the key).
-_TUNING_KEY = ["C", "NUM_FEATURES", "RADIUS", "RADIUS_D", "NUM_KERNELS", "HAS_MASK_SRC",
-               "HAS_MASK_DST", "HAS_COMPAT", "WITH_GRAD"]  # fmt: skip
-_MAX_VALUES_PER_THREAD = 35.0
-_MAX_VALUES_PER_THREAD_SPLIT = 30.0  # fewer than one pixel per thread
-
-
-def values_per_thread(
-    config: triton.Config, block_c: int, block_f: int, *, fp64: bool = False, mu_grad: bool = False
-) -> float:
-    """Register-resident tile values per thread of a config (the pruning measure above).
-
-    ``block_c`` is 0 for the affinity kernel, which holds no channel tiles; ``mu_grad`` marks the
-    gradient sweep with a compatibility matrix (two μ̂ fields).
-    """
-    channels = (1.5 if mu_grad else 1.0) * block_c
-    width = 2.0 if fp64 else 1.0
-    return config.kwargs["BLOCK_P"] * (channels + 0.75 * block_f) * width / (32 * config.num_warps)
-
-
-def values_per_thread_limit(config: triton.Config) -> float:
-    """The most tile values per thread that ptxas keeps in registers with this config's layout."""
-    split = config.kwargs["BLOCK_P"] < 32 * config.num_warps
-    return _MAX_VALUES_PER_THREAD_SPLIT if split else _MAX_VALUES_PER_THREAD
-
-
-def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop configs that would spill registers (see above; keep the lightest if all would)."""
-
-    def constexpr(name: str, default):
-        return kwargs.get(name, named_args.get(name, default))
-
-    block_c, block_f = constexpr("BLOCK_C", 0), constexpr("BLOCK_F", 1)
-    fp64 = constexpr("ACC", tl.float32) == tl.float64
-    mu_grad = bool(constexpr("HAS_COMPAT", False) and constexpr("WITH_GRAD", False))
-
-    def load(config: triton.Config) -> float:
-        return values_per_thread(config, block_c, block_f, fp64=fp64, mu_grad=mu_grad)
-
-    kept = [c for c in configs if load(c) <= values_per_thread_limit(c)]
-    return kept or [min(configs, key=lambda c: load(c) / values_per_thread_limit(c))]
-
-
-def _fixed_config(constexprs: dict) -> dict:
-    """Launch options of the untuned path: the preferred config where the pruning keeps it, else
-    the kept config with the largest tile (the most pixels per program, then per thread)."""
-    if _INTERPRET:
-        return _INTERPRETER_CONFIG
-    kept = _prune_configs(_GPU_CONFIGS, {}, **constexprs)
-    if _PREFERRED_FIXED_CONFIG in kept:
-        config = _PREFERRED_FIXED_CONFIG
-    else:
-        config = max(kept, key=lambda c: (c.kwargs["BLOCK_P"], -c.num_warps))
-    return {**config.kwargs, "num_warps": config.num_warps, "maxnreg": config.maxnreg}
-
-
-def _autotune(reset_to_zero: list[str] | None = None):
-    return triton.autotune(
-        configs=_GPU_CONFIGS,
-        key=_TUNING_KEY,
-        prune_configs_by={"early_config_prune": _prune_configs},
-        reset_to_zero=reset_to_zero,
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,50 +108,20 @@ def _tile_coordinates(pid_p, P, H, W, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _window_kernel(
-    features_n_ptr,
-    f_i,
-    offs_f64,
-    f_mask,
-    p_j,
-    valid_j,
-    P,
-    coef_ptr,
-    bounds_ptr,
-    o,
-    NUM_KERNELS: tl.constexpr,
-    HAS_FEATURES: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_F: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    """K_ij for one window offset ``o`` over a tile: Σ_k coef[o, k] · exp(-½ ‖f_k(i) − f_k(j)‖²).
+def _channel_tile(P, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's (pixel tile, channel chunk, sample) of the channel-tiled kernels.
 
-    ``coef[o, k]`` already holds ``w_k`` and the position factor, and is 0 at the centre offset.
+    Returns the sample index (int64), the tile's pixel indices, in-range mask and (d, h, w)
+    coordinates, and the chunk's channel mask and int64 channel offsets (channel × P).
     """
-    kern = tl.zeros([BLOCK_P], dtype=ACC)
-    if HAS_FEATURES:
-        f_j = tl.load(
-            features_n_ptr + offs_f64[None, :] + p_j[:, None],
-            mask=valid_j[:, None] & f_mask[None, :],
-            other=0.0,
-        ).to(ACC)
-        diff = f_i - f_j
-        sq = diff * diff
-    for k in tl.static_range(NUM_KERNELS):
-        coef = tl.load(coef_ptr + o * NUM_KERNELS + k).to(ACC)
-        if HAS_FEATURES:
-            # Channels [start, stop) of `features` belong to kernel k (a modality used by two kernels
-            # appears twice, divided by each kernel's σ).
-            start = tl.load(bounds_ptr + 2 * k)
-            stop = tl.load(bounds_ptr + 2 * k + 1)
-            offs_f = tl.arange(0, BLOCK_F)
-            in_kernel = (offs_f >= start) & (offs_f < stop)
-            dist = tl.sum(tl.where(in_kernel[None, :], sq, 0.0), axis=1)
-            kern += coef * tl.exp(-0.5 * dist)
-        else:
-            kern += coef
-    return kern
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_n = tl.program_id(2).to(tl.int64)
+    offs_p, p_mask, d_i, h_i, w_i = _tile_coordinates(pid_p, P, H, W, BLOCK_P)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    offs_c64 = offs_c.to(tl.int64) * P
+    return pid_n, offs_p, p_mask, d_i, h_i, w_i, c_mask, offs_c64
 
 
 @triton.jit
@@ -250,7 +138,7 @@ def _load_tile_features(
 ):
     """Features of the tile's own pixels [BLOCK_P, BLOCK_F] and the channel offsets (int64).
 
-    Without features (xy-only kernels) the tile is zeros and every channel is masked off.
+    Without features (position-only kernels) the tile is zeros and every channel is masked off.
     """
     offs_f = tl.arange(0, BLOCK_F)
     if HAS_FEATURES:
@@ -280,12 +168,109 @@ def _load_gate(
     return gate
 
 
+@triton.jit
+def _gaussian_affinity(
+    features_n_ptr,
+    f_i,
+    offs_f64,
+    f_mask,
+    p_j,
+    valid_j,
+    coef_ptr,
+    bounds_ptr,
+    o,
+    NUM_GAUSSIANS: tl.constexpr,
+    HAS_FEATURES: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """K_ij for one window offset ``o`` over a tile: Σ_k coef[o, k] · exp(-½ ‖f_k(i) − f_k(j)‖²).
+
+    ``coef[o, k]`` already holds ``w_k`` and the position factor, and is 0 at the centre offset.
+    """
+    affinity = tl.zeros([BLOCK_P], dtype=ACC)
+    if HAS_FEATURES:
+        f_j = tl.load(
+            features_n_ptr + offs_f64[None, :] + p_j[:, None],
+            mask=valid_j[:, None] & f_mask[None, :],
+            other=0.0,
+        ).to(ACC)
+        diff = f_i - f_j
+        sq = diff * diff
+    for k in tl.static_range(NUM_GAUSSIANS):
+        coef = tl.load(coef_ptr + o * NUM_GAUSSIANS + k).to(ACC)
+        if HAS_FEATURES:
+            # Channels [start, stop) of `features` belong to term k (a modality used by two kernel
+            # descriptors appears twice, divided by each one's σ).
+            start = tl.load(bounds_ptr + 2 * k)
+            stop = tl.load(bounds_ptr + 2 * k + 1)
+            offs_f = tl.arange(0, BLOCK_F)
+            in_term = (offs_f >= start) & (offs_f < stop)
+            dist = tl.sum(tl.where(in_term[None, :], sq, 0.0), axis=1)
+            affinity += coef * tl.exp(-0.5 * dist)
+        else:
+            affinity += coef
+    return affinity
+
+
+@triton.jit
+def _neighbour(
+    o,
+    offs_p,
+    p_mask,
+    d_i,
+    h_i,
+    w_i,
+    D,
+    H,
+    W,
+    features_n_ptr,
+    f_i,
+    offs_f64,
+    f_mask,
+    coef_ptr,
+    bounds_ptr,
+    mask_src_n_ptr,
+    RADIUS: tl.constexpr,
+    RADIUS_D: tl.constexpr,
+    NUM_GAUSSIANS: tl.constexpr,
+    HAS_FEATURES: tl.constexpr,
+    HAS_MASK_SRC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """The neighbour ``j = i + δ_o`` of every pixel of the tile, for window offset ``o``.
+
+    Offsets run row-major over the (2r_d+1)×(2r+1)×(2r+1) window (the affinity's output order).
+    Returns ``p_j`` (flattened index), ``valid`` (in the tile and inside the image), ``K_ij``
+    (0 where not valid) and ``m_src(j)`` (0 where not valid; 1 without a gate).
+    """
+    WINDOW: tl.constexpr = 2 * RADIUS + 1
+    od = o // (WINDOW * WINDOW) - RADIUS_D
+    oh = (o // WINDOW) % WINDOW - RADIUS
+    ow = o % WINDOW - RADIUS
+    d_j = d_i + od
+    h_j = h_i + oh
+    w_j = w_i + ow
+    valid = p_mask & (d_j >= 0) & (d_j < D) & (h_j >= 0) & (h_j < H) & (w_j >= 0) & (w_j < W)
+    p_j = offs_p + od * H * W + oh * W + ow
+    k_ij = _gaussian_affinity(
+        features_n_ptr, f_i, offs_f64, f_mask, p_j, valid, coef_ptr, bounds_ptr, o,
+        NUM_GAUSSIANS, HAS_FEATURES, BLOCK_P, BLOCK_F, ACC,
+    )  # fmt: skip
+    k_ij = tl.where(valid, k_ij, 0.0)
+    m_src_j = _load_gate(mask_src_n_ptr, p_j, valid, HAS_MASK_SRC, BLOCK_P, ACC)
+    return p_j, valid, k_ij, m_src_j
+
+
 # --------------------------------------------------------------------------------------------------
-# The gated window filter: S partial sums, and ∂S/∂y when a gradient is needed
+# The pairwise sum S of the loss, and ∂S/∂y when a gradient is needed
 # --------------------------------------------------------------------------------------------------
 
 
-@_autotune(reset_to_zero=["partial_ptr"])
+@autotune.autotune(reset_to_zero=["partial_ptr"])
 @triton.jit
 def _gated_crf_kernel(
     probs_ptr,  # N×C×P, any float dtype: y, the left factor ⟨y_i, M_i⟩ of S
@@ -294,8 +279,8 @@ def _gated_crf_kernel(
     features_ptr,  # N×F×P, ACC dtype
     mask_src_ptr,  # N×P float, 0/1
     mask_dst_ptr,  # N×P float, 0/1
-    coef_ptr,  # (2r_d+1)(2r+1)² × NUM_KERNELS, ACC dtype
-    bounds_ptr,  # NUM_KERNELS × 2 int32 channel ranges
+    coef_ptr,  # (2r_d+1)(2r+1)² × NUM_GAUSSIANS, ACC dtype
+    bounds_ptr,  # NUM_GAUSSIANS × 2 int32 channel ranges
     partial_ptr,  # N × num_chunks × tiles_per_row, ACC dtype, zero-initialised
     grad_ptr,  # N×C×P, ACC dtype: ∂S/∂y (WITH_GRAD only)
     C,
@@ -305,7 +290,7 @@ def _gated_crf_kernel(
     W,
     NUM_FEATURES,
     tiles_per_row,
-    NUM_KERNELS: tl.constexpr,
+    NUM_GAUSSIANS: tl.constexpr,
     RADIUS: tl.constexpr,
     RADIUS_D: tl.constexpr,
     HAS_FEATURES: tl.constexpr,
@@ -318,77 +303,56 @@ def _gated_crf_kernel(
     ACC: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    # For this tile's pixels i and this chunk's channels, with G_ij = m_dst(i) m_src(j):
+    # S and its gradient from the message (docs/math.md#message), with G_ij = m_dst(i) m_src(j):
     #   value only:  M_i = Σ_j G_ij K_ij a_j                      a = y (Potts) or μ̂y
     #                Potts: S = Σ_ij G_ij K_ij − Σ_i ⟨y_i, M_i⟩;  μ̂: S = Σ_i ⟨y_i, M_i⟩
     #   WITH_GRAD:   M_i = Σ_j K_ij (G_ij a_j + G_ji b_j) = ±∂S/∂y_i   b = y (Potts) or μ̂ᵀy
-    #                Potts: ∂S/∂y = −M, S = Σ_ij G_ij K_ij − ½ Σ_i ⟨y_i, M_i⟩ (each unordered
-    #                pair appears twice in Σ⟨y, M⟩); μ̂: ∂S/∂y = M, S = ½ Σ_i ⟨y_i, M_i⟩ (S is a
-    #                quadratic form in y). One sweep gives the value and the gradient: the
-    #                backward only scales the gradient by the upstream one, K is never stored.
+    #                Potts: ∂S/∂y = −M, S = Σ_ij G_ij K_ij − ½ Σ_i ⟨y_i, M_i⟩;
+    #                μ̂: ∂S/∂y = M, S = ½ Σ_i ⟨y_i, M_i⟩.
     # Σ_ij G_ij K_ij does not depend on the channels: chunk 0 adds it.
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_n = tl.program_id(2).to(tl.int64)
-
-    offs_p, p_mask, d_i, h_i, w_i = _tile_coordinates(pid_p, P, H, W, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = offs_c < C
-    offs_c64 = offs_c.to(tl.int64) * P
+    pid_n, offs_p, p_mask, d_i, h_i, w_i, c_mask, offs_c64 = _channel_tile(
+        P, H, W, C, BLOCK_P, BLOCK_C
+    )
     field_a_n_ptr = field_a_ptr + pid_n * C * P
     field_b_n_ptr = field_b_ptr + pid_n * C * P
     features_n_ptr = features_ptr + pid_n * NUM_FEATURES * P
+    mask_src_n_ptr = mask_src_ptr + pid_n * P
+    mask_dst_n_ptr = mask_dst_ptr + pid_n * P
 
     f_i, offs_f64, f_mask = _load_tile_features(
         features_n_ptr, offs_p, p_mask, NUM_FEATURES, P, HAS_FEATURES, BLOCK_P, BLOCK_F, ACC
     )
-    m_src_i = _load_gate(mask_src_ptr + pid_n * P, offs_p, p_mask, HAS_MASK_SRC, BLOCK_P, ACC)
-    m_dst_i = _load_gate(mask_dst_ptr + pid_n * P, offs_p, p_mask, HAS_MASK_DST, BLOCK_P, ACC)
+    m_src_i = _load_gate(mask_src_n_ptr, offs_p, p_mask, HAS_MASK_SRC, BLOCK_P, ACC)
+    m_dst_i = _load_gate(mask_dst_n_ptr, offs_p, p_mask, HAS_MASK_DST, BLOCK_P, ACC)
 
     message = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     weight_sum = tl.zeros([BLOCK_P], dtype=ACC)
-    HW = H * W
-    WINDOW: tl.constexpr = 2 * RADIUS + 1
-    for od in range(-RADIUS_D, RADIUS_D + 1):
-        d_ok = p_mask & (d_i + od >= 0) & (d_i + od < D)
-        for oh in range(-RADIUS, RADIUS + 1):
-            dh_ok = d_ok & (h_i + oh >= 0) & (h_i + oh < H)
-            for ow in range(-RADIUS, RADIUS + 1):
-                valid = dh_ok & (w_i + ow >= 0) & (w_i + ow < W)
-                p_j = offs_p + od * HW + oh * W + ow
-                o = ((od + RADIUS_D) * WINDOW + (oh + RADIUS)) * WINDOW + (ow + RADIUS)
-                kern = _window_kernel(
-                    features_n_ptr, f_i, offs_f64, f_mask, p_j, valid, P, coef_ptr, bounds_ptr,
-                    o, NUM_KERNELS, HAS_FEATURES, BLOCK_P, BLOCK_F, ACC,
-                )  # fmt: skip
-                kern = tl.where(valid, kern, 0.0)
-                m_src_j = _load_gate(
-                    mask_src_ptr + pid_n * P, p_j, valid, HAS_MASK_SRC, BLOCK_P, ACC
-                )
-                weight_ij = kern * m_dst_i * m_src_j  # G_ij K_ij
-                tile_mask = valid[:, None] & c_mask[None, :]
-                a_j = tl.load(
-                    field_a_n_ptr + offs_c64[None, :] + p_j[:, None], mask=tile_mask, other=0.0
+    NUM_OFFSETS: tl.constexpr = (2 * RADIUS_D + 1) * (2 * RADIUS + 1) * (2 * RADIUS + 1)
+    for o in range(NUM_OFFSETS):
+        p_j, valid, k_ij, m_src_j = _neighbour(
+            o, offs_p, p_mask, d_i, h_i, w_i, D, H, W, features_n_ptr, f_i, offs_f64, f_mask,
+            coef_ptr, bounds_ptr, mask_src_n_ptr, RADIUS, RADIUS_D, NUM_GAUSSIANS, HAS_FEATURES,
+            HAS_MASK_SRC, BLOCK_P, BLOCK_F, ACC,
+        )  # fmt: skip
+        weight_ij = k_ij * m_dst_i * m_src_j  # G_ij K_ij
+        tile_mask = valid[:, None] & c_mask[None, :]
+        a_j = tl.load(
+            field_a_n_ptr + offs_c64[None, :] + p_j[:, None], mask=tile_mask, other=0.0
+        ).to(ACC)
+        if WITH_GRAD:
+            m_dst_j = _load_gate(mask_dst_n_ptr, p_j, valid, HAS_MASK_DST, BLOCK_P, ACC)
+            weight_ji = k_ij * m_src_i * m_dst_j  # G_ji K_ij
+            if HAS_COMPAT:
+                b_j = tl.load(
+                    field_b_n_ptr + offs_c64[None, :] + p_j[:, None], mask=tile_mask, other=0.0
                 ).to(ACC)
-                if WITH_GRAD:
-                    if HAS_MASK_DST:
-                        m_dst_j = tl.load(mask_dst_ptr + pid_n * P + p_j, mask=valid, other=0.0)
-                        weight_ji = kern * m_src_i * m_dst_j.to(ACC)  # G_ji K_ij
-                    else:
-                        weight_ji = kern * m_src_i
-                    if HAS_COMPAT:
-                        b_j = tl.load(
-                            field_b_n_ptr + offs_c64[None, :] + p_j[:, None],
-                            mask=tile_mask,
-                            other=0.0,
-                        ).to(ACC)
-                        message += weight_ij[:, None] * a_j + weight_ji[:, None] * b_j
-                    else:
-                        message += (weight_ij + weight_ji)[:, None] * a_j
-                else:
-                    message += weight_ij[:, None] * a_j
-                if not HAS_COMPAT:
-                    weight_sum += weight_ij
+                message += weight_ij[:, None] * a_j + weight_ji[:, None] * b_j
+            else:
+                message += (weight_ij + weight_ji)[:, None] * a_j
+        else:
+            message += weight_ij[:, None] * a_j
+        if not HAS_COMPAT:
+            weight_sum += weight_ij
 
     y_i = tl.load(
         probs_ptr + pid_n * C * P + offs_c64[None, :] + offs_p[:, None],
@@ -398,9 +362,10 @@ def _gated_crf_kernel(
     dot = tl.sum(tl.sum(y_i * message, axis=1), axis=0)
     partial = dot * 0.5 if WITH_GRAD else dot
     if not HAS_COMPAT:
-        partial = tl.sum(weight_sum, axis=0) * (pid_c == 0).to(ACC) - partial
+        partial = tl.sum(weight_sum, axis=0) * (tl.program_id(1) == 0).to(ACC) - partial
     num_chunks = tl.num_programs(1)
-    tl.store(partial_ptr + (pid_n * num_chunks + pid_c) * tiles_per_row + pid_p, partial)
+    slot = (pid_n * num_chunks + tl.program_id(1)) * tiles_per_row + tl.program_id(0)
+    tl.store(partial_ptr + slot, partial)
     if WITH_GRAD:
         grad = message if HAS_COMPAT else -message
         tl.store(
@@ -425,7 +390,7 @@ def _sum_partials_kernel(partial_ptr, out_ptr, numel, BLOCK: tl.constexpr):
 # --------------------------------------------------------------------------------------------------
 
 
-@_autotune()
+@autotune.autotune()
 @triton.jit
 def _window_affinity_kernel(
     features_ptr,
@@ -440,7 +405,7 @@ def _window_affinity_kernel(
     H,
     W,
     NUM_FEATURES,
-    NUM_KERNELS: tl.constexpr,
+    NUM_GAUSSIANS: tl.constexpr,
     RADIUS: tl.constexpr,
     RADIUS_D: tl.constexpr,
     HAS_FEATURES: tl.constexpr,
@@ -454,36 +419,91 @@ def _window_affinity_kernel(
     pid_n = tl.program_id(1).to(tl.int64)
     offs_p, p_mask, d_i, h_i, w_i = _tile_coordinates(pid_p, P, H, W, BLOCK_P)
     features_n_ptr = features_ptr + pid_n * NUM_FEATURES * P
+    mask_src_n_ptr = mask_src_ptr + pid_n * P
     f_i, offs_f64, f_mask = _load_tile_features(
         features_n_ptr, offs_p, p_mask, NUM_FEATURES, P, HAS_FEATURES, BLOCK_P, BLOCK_F, ACC
     )
     m_dst_i = _load_gate(mask_dst_ptr + pid_n * P, offs_p, p_mask, HAS_MASK_DST, BLOCK_P, ACC)
 
-    WINDOW: tl.constexpr = 2 * RADIUS + 1
-    NUM_OFFSETS: tl.constexpr = (2 * RADIUS_D + 1) * WINDOW * WINDOW
-    out_n_ptr = out_ptr + pid_n * NUM_OFFSETS * P
-    HW = H * W
-    for od in range(-RADIUS_D, RADIUS_D + 1):
-        d_ok = p_mask & (d_i + od >= 0) & (d_i + od < D)
-        for oh in range(-RADIUS, RADIUS + 1):
-            dh_ok = d_ok & (h_i + oh >= 0) & (h_i + oh < H)
-            for ow in range(-RADIUS, RADIUS + 1):
-                valid = dh_ok & (w_i + ow >= 0) & (w_i + ow < W)
-                p_j = offs_p + od * HW + oh * W + ow
-                o = ((od + RADIUS_D) * WINDOW + (oh + RADIUS)) * WINDOW + (ow + RADIUS)
-                kern = _window_kernel(
-                    features_n_ptr, f_i, offs_f64, f_mask, p_j, valid, P, coef_ptr, bounds_ptr,
-                    o, NUM_KERNELS, HAS_FEATURES, BLOCK_P, BLOCK_F, ACC,
-                )  # fmt: skip
-                m_src_j = _load_gate(
-                    mask_src_ptr + pid_n * P, p_j, valid, HAS_MASK_SRC, BLOCK_P, ACC
-                )
-                value = tl.where(valid, kern, 0.0) * m_dst_i * m_src_j
-                tl.store(
-                    out_n_ptr + o.to(tl.int64) * P + offs_p,
-                    value.to(out_ptr.dtype.element_ty),
-                    mask=p_mask,
-                )
+    NUM_OFFSETS: tl.constexpr = (2 * RADIUS_D + 1) * (2 * RADIUS + 1) * (2 * RADIUS + 1)
+    # The output plane of offset o starts o·P elements after the sample's: the pointer advances by
+    # P per offset (an int64 pointer, so o·P never overflows 32 bits).
+    out_o_ptr = out_ptr + pid_n * NUM_OFFSETS * P
+    for o in range(NUM_OFFSETS):
+        _, _, k_ij, m_src_j = _neighbour(
+            o, offs_p, p_mask, d_i, h_i, w_i, D, H, W, features_n_ptr, f_i, offs_f64, f_mask,
+            coef_ptr, bounds_ptr, mask_src_n_ptr, RADIUS, RADIUS_D, NUM_GAUSSIANS, HAS_FEATURES,
+            HAS_MASK_SRC, BLOCK_P, BLOCK_F, ACC,
+        )  # fmt: skip
+        value = k_ij * m_dst_i * m_src_j
+        tl.store(out_o_ptr + offs_p, value.to(out_ptr.dtype.element_ty), mask=p_mask)
+        out_o_ptr += P
+
+
+# --------------------------------------------------------------------------------------------------
+# Window message: M_i = Σ_j G_ij K_ij v_j
+# --------------------------------------------------------------------------------------------------
+
+
+@autotune.autotune()
+@triton.jit
+def _window_message_kernel(
+    field_ptr,  # N×C×P, any float dtype: v
+    features_ptr,  # N×F×P, ACC dtype
+    mask_src_ptr,  # N×P float, 0/1
+    mask_dst_ptr,  # N×P float, 0/1
+    coef_ptr,  # (2r_d+1)(2r+1)² × NUM_GAUSSIANS, ACC dtype
+    bounds_ptr,  # NUM_GAUSSIANS × 2 int32 channel ranges
+    out_ptr,  # N×C×P, ACC dtype: M
+    C,
+    P,
+    D,
+    H,
+    W,
+    NUM_FEATURES,
+    NUM_GAUSSIANS: tl.constexpr,
+    RADIUS: tl.constexpr,
+    RADIUS_D: tl.constexpr,
+    HAS_FEATURES: tl.constexpr,
+    HAS_MASK_SRC: tl.constexpr,
+    HAS_MASK_DST: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    # M_i = m_dst(i) · Σ_j K_ij m_src(j) v_j: the sum runs over the window, the centre gate last.
+    pid_n, offs_p, p_mask, d_i, h_i, w_i, c_mask, offs_c64 = _channel_tile(
+        P, H, W, C, BLOCK_P, BLOCK_C
+    )
+    field_n_ptr = field_ptr + pid_n * C * P
+    features_n_ptr = features_ptr + pid_n * NUM_FEATURES * P
+    mask_src_n_ptr = mask_src_ptr + pid_n * P
+    f_i, offs_f64, f_mask = _load_tile_features(
+        features_n_ptr, offs_p, p_mask, NUM_FEATURES, P, HAS_FEATURES, BLOCK_P, BLOCK_F, ACC
+    )
+    m_dst_i = _load_gate(mask_dst_ptr + pid_n * P, offs_p, p_mask, HAS_MASK_DST, BLOCK_P, ACC)
+
+    message = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    NUM_OFFSETS: tl.constexpr = (2 * RADIUS_D + 1) * (2 * RADIUS + 1) * (2 * RADIUS + 1)
+    for o in range(NUM_OFFSETS):
+        p_j, valid, k_ij, m_src_j = _neighbour(
+            o, offs_p, p_mask, d_i, h_i, w_i, D, H, W, features_n_ptr, f_i, offs_f64, f_mask,
+            coef_ptr, bounds_ptr, mask_src_n_ptr, RADIUS, RADIUS_D, NUM_GAUSSIANS, HAS_FEATURES,
+            HAS_MASK_SRC, BLOCK_P, BLOCK_F, ACC,
+        )  # fmt: skip
+        v_j = tl.load(
+            field_n_ptr + offs_c64[None, :] + p_j[:, None],
+            mask=valid[:, None] & c_mask[None, :],
+            other=0.0,
+        ).to(ACC)
+        message += (k_ij * m_src_j)[:, None] * v_j
+    message = message * m_dst_i[:, None]
+    tl.store(
+        out_ptr + pid_n * C * P + offs_c64[None, :] + offs_p[:, None],
+        message,
+        mask=p_mask[:, None] & c_mask[None, :],
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -506,9 +526,9 @@ def _window_tables(
     Offsets ``o`` run row-major over the window padded to 3 axes (depth radius 0 in 2D), which is
     also the order of the affinity output.
     """
-    num_kernels = len(kernel_weights)
+    num_terms = len(kernel_weights)
     radius_d = radius if rank == 3 else 0
-    scales = [kernel_pos_scales[k * rank : (k + 1) * rank] for k in range(num_kernels)]
+    scales = [kernel_pos_scales[k * rank : (k + 1) * rank] for k in range(num_terms)]
     if rank == 2:
         scales = [(0.0, *s) for s in scales]
     coef = []
@@ -516,7 +536,7 @@ def _window_tables(
         for oh in range(-radius, radius + 1):
             for ow in range(-radius, radius + 1):
                 centre = od == 0 and oh == 0 and ow == 0
-                for k in range(num_kernels):
+                for k in range(num_terms):
                     s_d, s_h, s_w = scales[k]
                     pos = (od * s_d) ** 2 + (oh * s_h) ** 2 + (ow * s_w) ** 2
                     coef.append(0.0 if centre else kernel_weights[k] * math.exp(-0.5 * pos))
@@ -537,12 +557,12 @@ def _common_launch_args(
     spatial: Sequence[int],
     acc_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, tuple[int, ...], dict]:
-    """Tables, (P, D, H, W) and the constexpr flags shared by the three kernels."""
+    """Tables, (P, D, H, W) and the constexpr flags shared by the kernels."""
     rank = len(spatial)
     d, h, w = (1, *spatial) if rank == 2 else tuple(spatial)
     if d * h * w >= 2**31 - 2 * (h * w + w + 1) * (radius + 1):
         # Pixel indices within one sample are int32 in the kernels (batch and channel offsets are
-        # int64); a single image or volume of 2³¹ pixels is far beyond what the loss is used for.
+        # int64); a single image or volume of 2³¹ pixels is far beyond what the core is used for.
         raise ValueError(
             f"the triton backend needs fewer than 2**31 pixels per sample, got {spatial}"
         )
@@ -557,7 +577,7 @@ def _common_launch_args(
     )
     num_features = features.shape[1]
     constexprs = {
-        "NUM_KERNELS": len(kernel_weights),
+        "NUM_GAUSSIANS": len(kernel_weights),
         "RADIUS": int(radius),
         "RADIUS_D": int(radius) if rank == 3 else 0,
         "HAS_FEATURES": num_features > 0,
@@ -570,12 +590,13 @@ def _common_launch_args(
 def _launch(kernel: triton.runtime.Autotuner, grid, *args, **kwargs) -> None:
     """Launch an autotuned kernel, or its plain JIT function with the fixed config.
 
-    The fixed config runs in the interpreter and under ``torch.use_deterministic_algorithms(True)``:
-    every launch is bitwise reproducible within a process either way, but only a fixed config makes
-    the result independent of the autotuner's choice (across processes and runs of the benchmark).
+    The fixed config runs in the interpreter, under ``torch.use_deterministic_algorithms(True)`` and
+    inside :func:`untuned`: every launch is bitwise reproducible within a process either way, but
+    only a fixed config makes the result independent of the autotuner's choice (across processes and
+    runs of the benchmark).
     """
-    if _INTERPRET or torch.are_deterministic_algorithms_enabled():
-        config = _fixed_config(kwargs)
+    if autotune.INTERPRET or torch.are_deterministic_algorithms_enabled() or _UNTUNED.get():
+        config = autotune.fixed_config(kwargs)
         logger.debug("%s: fixed config %s (no autotuning)", kernel.fn.__name__, config)
         kernel.fn[grid](*args, **kwargs, **config)
     else:
@@ -623,9 +644,7 @@ def _pairwise_sum(
     block_c = _channel_block(c)
     num_chunks = triton.cdiv(c, block_c)
     # Room for the most tiles any config can launch; slots a larger tile leaves unused stay 0.
-    block_ps = [config.kwargs["BLOCK_P"] for config in _GPU_CONFIGS]
-    min_block_p = min(_INTERPRETER_CONFIG["BLOCK_P"], *block_ps)
-    tiles_per_row = triton.cdiv(p, min_block_p)
+    tiles_per_row = triton.cdiv(p, autotune.min_block_p())
     partial = torch.zeros(n * num_chunks * tiles_per_row, dtype=acc_dtype, device=probs.device)
     if with_grad:
         grad = torch.empty(probs.shape, dtype=acc_dtype, device=probs.device)
@@ -668,9 +687,60 @@ def _pairwise_sum(
     return total, grad
 
 
+def _window_message(
+    field: Tensor,
+    features: Tensor,
+    kernel_bounds: Sequence[int],
+    kernel_weights: Sequence[float],
+    kernel_pos_scales: Sequence[float],
+    radius: int,
+    mask_src: Tensor | None,
+    mask_dst: Tensor | None,
+) -> Tensor:
+    """M = Σ_j G_ij K_ij v_j in the accumulation dtype of ``field``."""
+    acc_dtype = accumulation_dtype(field.dtype)
+    n, c = field.shape[:2]
+    field = field.contiguous()
+    features = features.to(acc_dtype).contiguous()
+    coef, bounds, (p, d, h, w), constexprs = _common_launch_args(
+        features, kernel_bounds, kernel_weights, kernel_pos_scales, radius, field.shape[2:],
+        acc_dtype,
+    )  # fmt: skip
+    out = torch.empty(field.shape, dtype=acc_dtype, device=field.device)
+    block_c = _channel_block(c)
+    num_chunks = triton.cdiv(c, block_c)
+    placeholder = coef
+
+    def grid(meta: dict) -> tuple[int, int, int]:
+        return (triton.cdiv(p, meta["BLOCK_P"]), num_chunks, n)
+
+    _launch(
+        _window_message_kernel,
+        grid,
+        field,
+        features if features.shape[1] > 0 else placeholder,
+        mask_src.contiguous() if mask_src is not None else placeholder,
+        mask_dst.contiguous() if mask_dst is not None else placeholder,
+        coef,
+        bounds,
+        out,
+        c,
+        p,
+        d,
+        h,
+        w,
+        features.shape[1],
+        HAS_MASK_SRC=mask_src is not None,
+        HAS_MASK_DST=mask_dst is not None,
+        BLOCK_C=block_c,
+        **constexprs,
+    )
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
-# torch.library registration: opaque to torch.compile (no graph break), autograd from the gradient
-# of the same sweep, fake impls for shape propagation.
+# torch.library registration: opaque to torch.compile (no graph break), autograd registered, fake
+# impls for shape propagation.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -783,13 +853,60 @@ def _(features, spatial_shape, kernel_bounds, kernel_weights, kernel_pos_scales,
     return features.new_empty((features.shape[0], num_offsets, *spatial_shape), dtype=dtype)
 
 
+@torch.library.custom_op("gcrf::window_message", mutates_args=())
+def _window_message_op(
+    field: Tensor,
+    features: Tensor,
+    kernel_bounds: list[int],
+    kernel_weights: list[float],
+    kernel_pos_scales: list[float],
+    radius: int,
+    mask_src: Tensor | None,
+    mask_dst: Tensor | None,
+) -> Tensor:
+    return _window_message(
+        field, features, kernel_bounds, kernel_weights, kernel_pos_scales, radius, mask_src,
+        mask_dst,
+    )  # fmt: skip
+
+
+@_window_message_op.register_fake
+def _(field, features, kernel_bounds, kernel_weights, kernel_pos_scales, radius, mask_src,
+      mask_dst):  # fmt: skip
+    return field.new_empty(field.shape, dtype=accumulation_dtype(field.dtype))
+
+
+def _message_setup_context(ctx, inputs, output) -> None:
+    field, features, bounds, weights, scales, radius, mask_src, mask_dst = inputs
+    ctx.save_for_backward(features, mask_src, mask_dst)
+    ctx.tables = (bounds, weights, scales, radius)
+    ctx.field_dtype = field.dtype
+
+
+def _message_backward(ctx, grad_out: Tensor):
+    # M is linear in v: ∂L/∂v_j = Σ_i g_i G_ij K_ij = m_src(j) Σ_i K_ji m_dst(i) g_i, the same
+    # filter with the gate transposed (masks swapped). It calls the op itself, so it is
+    # differentiable again (gradgradcheck).
+    features, mask_src, mask_dst = ctx.saved_tensors
+    grad_field = None
+    if ctx.needs_input_grad[0]:
+        bounds, weights, scales, radius = ctx.tables
+        grad_field = _window_message_op(
+            grad_out, features, bounds, weights, scales, radius, mask_dst, mask_src
+        ).to(ctx.field_dtype)
+    return grad_field, None, None, None, None, None, None, None
+
+
+_window_message_op.register_autograd(_message_backward, setup_context=_message_setup_context)
+
+
 # --------------------------------------------------------------------------------------------------
 # Public API (docs/CONTRACTS.md §1)
 # --------------------------------------------------------------------------------------------------
 
 
 def _check_device(name: str, tensor: Tensor) -> None:
-    if tensor.device.type != "cuda" and not _INTERPRET:
+    if tensor.device.type != "cuda" and not autotune.INTERPRET:
         raise ValueError(
             f"the triton backend needs CUDA tensors (or the Triton interpreter, TRITON_INTERPRET=1 "
             f"set before importing gcrf.kernels); got {name} on {tensor.device}"
@@ -797,24 +914,19 @@ def _check_device(name: str, tensor: Tensor) -> None:
 
 
 def gated_crf_pairwise_sum(inputs: PairwiseInputs) -> Tensor:
-    """Gated pairwise sum ``S`` of the Gated CRF loss, fused in Triton (docs/CONTRACTS.md §1).
+    """The loss's pairwise sum ``S`` (docs/math.md#loss), fused in Triton.
 
-    ``S = Σ_n Σ_i Σ_{j ∈ W(i), j ≠ i, j inside the image} G_ij · K_ij · φ(y_i, y_j)`` with
-    ``G_ij = m_dst(i) · m_src(j)``, ``K_ij = Σ_k w_k exp(-½ (‖f_k(i) − f_k(j)‖² + Σ_a (δ_a s_ka)²))``
-    and ``φ = 1 − ⟨y_i, y_j⟩`` (Potts) or ``y_iᵀ μ̂ y_j``. Never materialises the window; memory is
-    O(N·C·h·w); the result is bitwise reproducible run to run. Differentiable w.r.t. ``probs`` only:
-    when ``probs`` requires a gradient, the same sweep also produces ∂S/∂probs (saved in fp32 for the
-    backward; K is never stored). Registered as the ``torch.ops.gcrf.gated_crf_pairwise_sum``
-    custom op, so ``torch.compile`` keeps it in the graph.
+    Never materialises the window: memory O(N·C·|S|), bitwise reproducible run to run. When
+    ``probs`` requires a gradient the same sweep produces ∂S/∂probs (saved for the backward, which
+    scales it; the affinity is never stored). Registered as ``torch.ops.gcrf.gated_crf_pairwise_sum``,
+    so ``torch.compile`` keeps it in the graph.
 
     Args:
         inputs: probabilities (fp16/bf16/fp32, accumulated in fp32, or fp64, in fp64), the gated
-            window (features already divided by σ, kernel tables, radius, 0/1 gates) and the
-            normalised compatibility μ̂ or None (Potts); they checked their consistency when built.
+            window and the normalised compatibility μ̂ or None (Potts); checked when built.
 
     Shape:
-        - probs: N×C×h×w or N×C×d×h×w (``S``)
-        - features: N×F×S; mask_src, mask_dst: N×1×S; compatibility: C×C
+        probs: N×C×h×w or N×C×d×h×w (``S``); features: N×F×S; masks: N×1×S; μ̂: C×C.
 
     Returns:
         0-dim tensor ``S``, float32 (float64 when ``probs`` is float64).
@@ -825,8 +937,7 @@ def gated_crf_pairwise_sum(inputs: PairwiseInputs) -> Tensor:
         >>> window = GatedWindow(rgb, ((0, 3),), (1.0,), ((1 / 6, 1 / 6),), radius=2)
         >>> s = gated_crf_pairwise_sum(PairwiseInputs(probs, window))
     """
-    if not isinstance(inputs, PairwiseInputs):
-        raise TypeError(f"inputs must be a PairwiseInputs; got {type(inputs).__name__}")
+    check_type("inputs", inputs, PairwiseInputs)
     window = inputs.window
     _check_device("probs", inputs.probs)
     bounds, weights, scales = flat_tables(window)
@@ -840,17 +951,14 @@ def gated_crf_pairwise_sum(inputs: PairwiseInputs) -> Tensor:
 
 
 def window_affinity(window: GatedWindow) -> Tensor:
-    """Gated kernel of every pixel over its window, ``[n, o, i] = G_ij · K_ij``, ``j = i + offset_o``.
-
-    Offsets run row-major over the window (each axis from −r to r); the value is 0 where ``j`` is
-    outside the image or ``j == i``. Same kernel definition as :func:`gated_crf_pairwise_sum`.
+    """``G_ij K_ij`` of every pixel to every window offset (docs/CONTRACTS.md §1), in Triton.
 
     Args:
         window: the gated window (features already divided by σ, kernel tables, radius, gates).
 
     Shape:
-        - features: N×F×h×w or N×F×d×h×w; masks N×1×S
-        - output: N×(2r+1)^k×S, k the spatial rank
+        features: N×F×*S → N×(2r+1)^k×*S, offsets row-major over the window (each axis from −r
+        to r); 0 where ``j`` is outside the image or ``j == i``.
 
     Returns:
         float32 tensor of gated affinities (float64 for float64 features, computed in float64).
@@ -859,8 +967,7 @@ def window_affinity(window: GatedWindow) -> Tensor:
         >>> rgb = torch.rand(1, 3, 32, 32, device="cuda") / 0.1
         >>> aff = window_affinity(GatedWindow(rgb, ((0, 3),), (1.0,), ((1 / 6, 1 / 6),), 3))
     """
-    if not isinstance(window, GatedWindow):
-        raise TypeError(f"window must be a GatedWindow; got {type(window).__name__}")
+    check_type("window", window, GatedWindow)
     features = window.features
     _check_device("features", features)
     if features.dtype not in (torch.float32, torch.float64):
@@ -869,4 +976,24 @@ def window_affinity(window: GatedWindow) -> Tensor:
     return _window_affinity_op(
         features, list(window.spatial_shape), bounds, weights, scales, window.radius,
         window.mask_src, window.mask_dst,
+    )  # fmt: skip
+
+
+def window_message(window: GatedWindow, field: Tensor) -> Tensor:
+    """The message ``M_i = Σ_{j∈W(i)} G_ij K_ij v_j`` of a field (docs/math.md#message), in Triton.
+
+    The contract of :func:`gcrf.loss.torch_backend.window_message` (docs/CONTRACTS.md §1), fused:
+    registered as ``torch.ops.gcrf.window_message``, bitwise reproducible run to run.
+
+    Example:
+        >>> rgb = torch.rand(1, 3, 32, 32, device="cuda") / 0.1
+        >>> window = GatedWindow(rgb, ((0, 3),), (1.0,), ((1 / 6, 1 / 6),), 3)
+        >>> m = window_message(window, torch.softmax(torch.randn(1, 4, 32, 32, device="cuda"), 1))
+    """
+    check_field(window, field)
+    _check_device("field", field)
+    bounds, weights, scales = flat_tables(window)
+    return _window_message_op(
+        field, window.features, bounds, weights, scales, window.radius, window.mask_src,
+        window.mask_dst,
     )  # fmt: skip

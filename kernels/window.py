@@ -4,10 +4,11 @@ This module needs torch only (no Triton), so ``gcrf.loss`` builds these values a
 backend (``gcrf.loss.torch_backend``) consumes them on any machine, while the Triton backend
 (:mod:`gcrf.kernels.gated_crf`) consumes the same values on CUDA.
 
-- :class:`GatedWindow`: everything the windowed, gated Gaussian kernel ``G_ij · K_ij`` needs —
-  the prepared features (each kernel's channels already divided by its σ), the kernels' channel
-  ranges, weights and per-axis position scales, the radius and the 0/1 gates. It is what
-  ``window_affinity`` takes.
+- :class:`GatedWindow`: everything the windowed, gated affinity ``G_ij · K_ij`` needs
+  (docs/math.md#kernel, #gates) — the prepared features (each kernel's channels already divided
+  by its σ), the kernels' channel ranges, weights and per-axis position scales, the radius and the
+  0/1 gates. It is what ``window_affinity`` takes, and with a field what ``window_message`` takes
+  (:func:`check_field`).
 - :class:`PairwiseInputs`: a :class:`GatedWindow` plus the probabilities and the normalised
   compatibility μ̂: what ``gated_crf_pairwise_sum`` takes.
 
@@ -24,11 +25,28 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SPATIAL_RANKS", "GatedWindow", "PairwiseInputs", "accumulation_dtype", "flat_tables"]
+__all__ = [
+    "FLOAT_DTYPES",
+    "SPATIAL_RANKS",
+    "GatedWindow",
+    "PairwiseInputs",
+    "accumulation_dtype",
+    "check_field",
+    "check_radius",
+    "check_type",
+    "describe",
+    "flat_tables",
+]
 
 #: Spatial ranks of the contract: (h, w) images and (d, h, w) volumes.
 SPATIAL_RANKS: tuple[int, ...] = (2, 3)
-_PROBS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: The dtypes of probabilities and fields: fp16/bf16/fp32 (accumulated in fp32) and fp64.
+FLOAT_DTYPES: tuple[torch.dtype, ...] = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -40,13 +58,36 @@ def _shape(tensor: Tensor) -> tuple[int, ...]:
     return tuple(tensor.shape)
 
 
+def describe(value: object) -> str:
+    """What was received, for error messages: shape, dtype and device of a tensor, else its type."""
+    if isinstance(value, Tensor):
+        return f"shape {_shape(value)}, dtype {value.dtype}, device {value.device}"
+    return type(value).__name__
+
+
+def check_type(name: str, value: object, expected: type) -> None:
+    """``TypeError`` naming ``name`` unless ``value`` is an ``expected`` (the backends take the
+    contract's typed values only)."""
+    if not isinstance(value, expected):
+        raise TypeError(f"{name} must be a {expected.__name__}; got {type(value).__name__}")
+
+
+def check_radius(radius: object) -> int:
+    """The window radius as an int: ``TypeError`` if it is no integer, ``ValueError`` if < 1."""
+    if isinstance(radius, bool) or not isinstance(radius, numbers.Integral):
+        raise TypeError(f"radius must be an int >= 1; got {radius!r} ({type(radius).__name__})")
+    if radius < 1:
+        raise ValueError(f"radius must be an int >= 1; got {radius!r}")
+    return int(radius)
+
+
 @dataclass(frozen=True)
 class GatedWindow:
-    """The gated Gaussian window of every pixel: ``G_ij · K_ij`` for ``j`` in its (2r+1)^k window.
+    """The gated affinity ``G_ij · K_ij`` of every pixel to its (2r+1)^k window, as tables.
 
-    ``K_ij = Σ_k w_k · exp(−½ (‖f_k(i) − f_k(j)‖² + Σ_a (δ_a · s_k[a])²))`` with ``δ = j − i`` in
-    prediction pixels, ``f_k`` the channels ``kernel_slices[k]`` of ``features``, and
-    ``G_ij = m_dst(i) · m_src(j)`` (1 where a mask is None).
+    ``K`` and ``G`` are those of docs/math.md#kernel and #gates: ``f_k`` is the channel range
+    ``kernel_slices[k]`` of ``features``, ``s_k`` is ``kernel_pos_scales[k]``, ``w_k`` is
+    ``kernel_weights[k]``.
 
     Args:
         features: N×F×*S per-pixel feature vectors, each kernel's channels already divided by its
@@ -79,14 +120,12 @@ class GatedWindow:
     def __post_init__(self) -> None:
         features = self.features
         if not isinstance(features, Tensor) or not features.is_floating_point():
-            got = _describe(features)
+            got = describe(features)
             raise TypeError(f"features must be a floating-point tensor; got {got}")
         rank = features.dim() - 2
         if rank not in SPATIAL_RANKS:
             raise ValueError(f"features must be N×F×h×w or N×F×d×h×w; got shape {_shape(features)}")
-        radius = self.radius
-        if isinstance(radius, bool) or not isinstance(radius, numbers.Integral) or radius < 1:
-            raise ValueError(f"radius must be an int >= 1; got {radius!r}")
+        radius = check_radius(self.radius)
         slices = tuple((int(start), int(stop)) for start, stop in self.kernel_slices)
         weights = tuple(float(w) for w in self.kernel_weights)
         scales = tuple(tuple(float(s) for s in per_axis) for per_axis in self.kernel_pos_scales)
@@ -116,7 +155,7 @@ class GatedWindow:
             if not isinstance(mask, Tensor) or _shape(mask) != expected:
                 raise ValueError(
                     f"{name} must be a tensor of shape {expected} (N×1×S of features); "
-                    f"got {_describe(mask)}"
+                    f"got {describe(mask)}"
                 )
             if mask.device != features.device:
                 raise ValueError(f"{name} is on {mask.device} but features on {features.device}")
@@ -125,7 +164,7 @@ class GatedWindow:
         object.__setattr__(self, "kernel_slices", slices)
         object.__setattr__(self, "kernel_weights", weights)
         object.__setattr__(self, "kernel_pos_scales", scales)
-        object.__setattr__(self, "radius", int(radius))
+        object.__setattr__(self, "radius", radius)
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
@@ -166,38 +205,41 @@ class PairwiseInputs:
 
     def __post_init__(self) -> None:
         probs = self.probs
-        if not isinstance(probs, Tensor) or probs.dtype not in _PROBS_DTYPES:
-            raise TypeError(
-                f"probs must be a float16/bfloat16/float32/float64 tensor; got {_describe(probs)}"
-            )
-        if probs.dim() - 2 not in SPATIAL_RANKS:
-            raise ValueError(
-                f"probs must be N×C×h×w or N×C×d×h×w (spatial rank one of {SPATIAL_RANKS}); "
-                f"got shape {_shape(probs)}"
-            )
-        if not isinstance(self.window, GatedWindow):
-            raise TypeError(f"window must be a GatedWindow; got {type(self.window).__name__}")
-        features = self.window.features
-        if probs.dim() != features.dim() or (
-            (probs.shape[0], *probs.shape[2:]) != (features.shape[0], *features.shape[2:])
-        ):
-            raise ValueError(
-                f"probs must be N×C×S with the N and S of the window's features "
-                f"{_shape(features)}; got shape {_shape(probs)}"
-            )
-        if probs.device != features.device:
-            raise ValueError(f"probs are on {probs.device} but features on {features.device}")
+        check_type("window", self.window, GatedWindow)
+        check_field(self.window, probs, "probs")
         compatibility = self.compatibility
         if compatibility is not None:
             c = probs.shape[1]
             if not isinstance(compatibility, Tensor) or _shape(compatibility) != (c, c):
-                raise ValueError(f"compatibility must be {c}×{c}; got {_describe(compatibility)}")
+                raise ValueError(f"compatibility must be {c}×{c}; got {describe(compatibility)}")
 
 
-def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"shape {_shape(value)}, dtype {value.dtype}, device {value.device}"
-    return type(value).__name__
+def check_field(window: GatedWindow, field: object, name: str = "field") -> None:
+    """Check that ``field`` is an N×C×*S float tensor on the window's N, S and device.
+
+    The input of ``window_message`` (``name="field"``) and the probabilities of
+    :class:`PairwiseInputs` (``name="probs"``); raises ``TypeError``/``ValueError`` naming it.
+    """
+    check_type("window", window, GatedWindow)
+    if not isinstance(field, Tensor) or field.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a float16/bfloat16/float32/float64 tensor; got {describe(field)}"
+        )
+    if field.dim() - 2 not in SPATIAL_RANKS:
+        raise ValueError(
+            f"{name} must be N×C×h×w or N×C×d×h×w (spatial rank one of {SPATIAL_RANKS}); "
+            f"got shape {_shape(field)}"
+        )
+    features = window.features
+    if field.dim() != features.dim() or (
+        (field.shape[0], *field.shape[2:]) != (features.shape[0], *features.shape[2:])
+    ):
+        raise ValueError(
+            f"{name} must be N×C×S with the N and S of the window's features "
+            f"{_shape(features)}; got shape {_shape(field)}"
+        )
+    if field.device != features.device:
+        raise ValueError(f"{name} is on {field.device} but features on {features.device}")
 
 
 def flat_tables(window: GatedWindow) -> tuple[list[int], list[float], list[float]]:

@@ -1,12 +1,14 @@
-"""Naive float64 references of the Gated CRF loss (DESIGN §1, docs/CONTRACTS.md §1), for tests only.
+"""Naive float64 references of the Gated CRF core (docs/math.md, docs/CONTRACTS.md §1), for tests only.
 
 Written to be obviously right rather than fast: every pixel, every neighbour of its window, explicit
 coordinates. Only tiny shapes. The pair weights ``W[n, i, j] = G_ij K_ij`` are built by the loop;
 the loss is then ``Σ W φ(y_i, y_j)`` in float64 torch ops, so autograd gives the reference gradient.
 
-- :func:`naive_pairwise_sum` / :func:`naive_window_affinity`: the backend contract, same arguments.
-- :func:`naive_gated_crf_loss`: the whole loss from user-level inputs (dict of modalities, kernel
-  descriptors, masks at the image resolution, spacing), sharing no code with ``gcrf.loss``.
+- :func:`naive_pairwise_sum` / :func:`naive_window_affinity` / :func:`naive_window_message`: the
+  backend contract, same arguments (a field instead of probabilities for the message).
+- :func:`naive_gated_crf_loss` / :func:`naive_mean_field_crf`: the whole loss and the whole CRF from
+  user-level inputs (dict of modalities, kernel descriptors, masks at the image resolution, spacing),
+  sharing no code with ``gcrf``.
 """
 
 from __future__ import annotations
@@ -146,6 +148,24 @@ def naive_window_affinity(
     return torch.from_numpy(out)
 
 
+def naive_window_message(
+    field: Tensor,
+    features: Tensor,
+    kernel_slices: Sequence[tuple[int, int]],
+    kernel_weights: Sequence[float],
+    kernel_pos_scales: Sequence[Sequence[float]],
+    radius: int,
+    mask_src: Tensor | None,
+    mask_dst: Tensor | None,
+) -> Tensor:
+    """M_i = Σ_j G_ij K_ij v_j by the pair-weight loop; float64, on CPU, differentiable in field."""
+    weights = naive_weights_from_prepared(
+        features, kernel_slices, kernel_weights, kernel_pos_scales, radius, mask_src, mask_dst
+    )
+    v = field.cpu().to(torch.float64)
+    return torch.einsum("nij,ncj->nci", weights, v.flatten(2)).reshape(v.shape)
+
+
 def area_downsample(tensor: Tensor, size: Sequence[int]) -> Tensor:
     """Average over non-overlapping blocks (the integer-ratio area resize), float64."""
     tensor = tensor.to(torch.float64)
@@ -158,18 +178,18 @@ def area_downsample(tensor: Tensor, size: Sequence[int]) -> Tensor:
     return blocks.mean(dim=tuple(range(3, blocks.dim(), 2)))
 
 
-def naive_gated_crf_loss(
-    probs: Tensor,
+def naive_user_weights(
+    shape: tuple[int, ...],
+    batch: int,
     features: Mapping[str, Tensor],
     kernels: Sequence[Mapping[str, float]],
     radius: int,
     mask_src: Tensor | None = None,
     mask_dst: Tensor | None = None,
-    compatibility: Tensor | None = None,
     spacing: Sequence[float] | None = None,
     downsamplers: Mapping[str, Callable[[Tensor, tuple[int, ...]], Tensor]] | None = None,
-) -> Tensor:
-    """The whole loss of DESIGN §1 from user-level inputs, float64, differentiable w.r.t. probs.
+) -> tuple[Tensor, np.ndarray | None, np.ndarray | None]:
+    """N×P×P float64 pair weights W = G ⊙ K from user-level inputs, and the binarised gates.
 
     Positions: the coordinate of a prediction pixel along axis a is its index times
     ``spacing[a] · ratio[a]`` (ratio = input size / prediction size of that axis), or just its
@@ -177,13 +197,15 @@ def naive_gated_crf_loss(
     else 1).
     """
     downsamplers = downsamplers or {}
-    batch, num_classes = probs.shape[:2]
-    shape = tuple(probs.shape[2:])
     rank = len(shape)
     maps = [m for m in (mask_src, mask_dst) if m is not None]
     used = {name for k in kernels for name in k if name not in ("weight", POSITION_KEYS[rank])}
-    source = [features[name] for name in used] or maps or [probs]
-    ratio = [s // t for s, t in zip(source[0].shape[2:], shape, strict=True)]
+    sources = [features[name] for name in used] or maps
+    ratio = (
+        [s // t for s, t in zip(sources[0].shape[2:], shape, strict=True)]
+        if sources
+        else [1] * rank
+    )
     axis_unit = (
         [1.0] * rank if spacing is None else [s * r for s, r in zip(spacing, ratio, strict=True)]
     )
@@ -231,8 +253,26 @@ def naive_gated_crf_loss(
                 None if dst is None else dst[n, 0].flatten(),
             )
         )
-    weights = torch.from_numpy(np.stack(weights))
+    return torch.from_numpy(np.stack(weights)), src, dst
 
+
+def naive_gated_crf_loss(
+    probs: Tensor,
+    features: Mapping[str, Tensor],
+    kernels: Sequence[Mapping[str, float]],
+    radius: int,
+    mask_src: Tensor | None = None,
+    mask_dst: Tensor | None = None,
+    compatibility: Tensor | None = None,
+    spacing: Sequence[float] | None = None,
+    downsamplers: Mapping[str, Callable[[Tensor, tuple[int, ...]], Tensor]] | None = None,
+) -> Tensor:
+    """The whole loss of docs/math.md#loss from user-level inputs, float64, differentiable in probs."""
+    batch, num_classes = probs.shape[:2]
+    shape = tuple(probs.shape[2:])
+    weights, src, dst = naive_user_weights(
+        shape, batch, features, kernels, radius, mask_src, mask_dst, spacing, downsamplers
+    )
     mu_hat = None
     if compatibility is not None:
         mu = compatibility.to(torch.float64)
@@ -247,6 +287,39 @@ def naive_gated_crf_loss(
     else:
         denominator = float(batch * np.prod(shape))
     return total / denominator
+
+
+def naive_mean_field_crf(
+    logits: Tensor,
+    features: Mapping[str, Tensor],
+    kernels: Sequence[Mapping[str, float]],
+    radius: int,
+    iterations: int,
+    compatibility: Tensor | None = None,
+    mask_src: Tensor | None = None,
+    mask_dst: Tensor | None = None,
+    spacing: Sequence[float] | None = None,
+    downsamplers: Mapping[str, Callable[[Tensor, tuple[int, ...]], Tensor]] | None = None,
+) -> Tensor:
+    """Ũ^T of docs/math.md#mean-field by the pair-weight loop: float64, on CPU, differentiable
+    w.r.t. logits and compatibility (``M = W Q`` with the dense N×P×P weights)."""
+    batch, num_classes = logits.shape[:2]
+    shape = tuple(logits.shape[2:])
+    weights, _, _ = naive_user_weights(
+        shape, batch, features, kernels, radius, mask_src, mask_dst, spacing, downsamplers
+    )
+    if compatibility is None:
+        mu = 1.0 - torch.eye(num_classes, dtype=torch.float64)
+    else:
+        mu = compatibility.to(torch.float64)
+    unary = logits.to(torch.float64).flatten(2)  # N×C×P
+    q = torch.softmax(unary, dim=1)
+    refined = unary
+    for _ in range(iterations):
+        message = torch.einsum("nij,ncj->nci", weights, q)
+        refined = unary - torch.einsum("lm,nmi->nli", mu, message)
+        q = torch.softmax(refined, dim=1)
+    return refined.reshape(logits.shape)
 
 
 def flat_pairwise_sum(backend_function: Callable[..., Tensor]) -> Callable[..., Tensor]:

@@ -25,7 +25,12 @@ CELL_TIMEOUT_S = 300
 
 def test_notebooks_exist() -> None:
     names = {path.name for path in NOTEBOOKS}
-    assert {"affinities.ipynb", "clicks_to_masks.ipynb", "training_results.ipynb"} <= names
+    assert {
+        "affinities.ipynb",
+        "clicks_to_masks.ipynb",
+        "crf_refinement.ipynb",
+        "training_results.ipynb",
+    } <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from gcrf.data.palettes import synthetic_palette
 from gcrf.data.synthetic import (
     ProceduralScenes,
     SceneConfig,
@@ -14,7 +15,6 @@ from gcrf.data.synthetic import (
     generate_scene,
     synthetic_augmentation,
     synthetic_class_names,
-    synthetic_palette,
 )
 
 CONFIG = SceneConfig(image_size=64, num_classes=4)
@@ -248,6 +248,15 @@ def test_names_and_palette() -> None:
     palette = synthetic_palette(4)
     assert palette.dtype == torch.uint8 and palette[0].tolist() == [0, 0, 0]
     assert len({tuple(c) for c in palette.tolist()}) == 4
+    # The palette shows each class in the colour the generator draws its objects around.
+    sums, counts = np.zeros((4, 3)), np.zeros(4)
+    for scene in _scenes(count=20):
+        for c in range(1, 4):
+            pixels = scene["image"][scene["semseg_dense"] == c].astype(np.float64)
+            sums[c] += pixels.sum(0)
+            counts[c] += len(pixels)
+    means = sums[1:] / counts[1:, None]
+    assert np.abs(means - palette[1:].double().numpy() / 255).max() < 0.1
 
 
 @pytest.mark.parametrize(

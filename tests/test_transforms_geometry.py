@@ -9,10 +9,8 @@ import pytest
 import torch
 from scipy import ndimage
 
+from gcrf.conventions import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from gcrf.data.transforms import (
-    IGNORE_INDEX,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     AugmentationConfig,
     build_transform,
 )

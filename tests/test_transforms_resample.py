@@ -10,14 +10,14 @@ import torch
 from scipy import ndimage
 from torchvision.transforms.v2 import functional as TF
 
+from gcrf.conventions import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from gcrf.data.transforms import (
-    IGNORE_INDEX,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     AugmentationConfig,
     RandomGeometry,
     Resampler,
+    SampleTransform,
     build_transform,
+    to_unit_float,
 )
 from gcrf.data.weak_labels import rasterise_clicks, rasterise_scribbles
 
@@ -174,3 +174,20 @@ def test_scribble_rasterisation_clips_without_moving_the_samples() -> None:
         # float32 input, as in samples: the reference reads the same rounded vertices.
         expected = _naive_scribble(points.astype(np.float32), size, 2)
         assert np.array_equal(drawn, expected), trial
+
+
+def test_uint8_reads_as_the_correctly_rounded_quotient() -> None:
+    """The one uint8 → float conversion: ``x / 255`` rounded once from the float64 quotient, at
+    every level; the pipeline's output image and the resampler's read are exactly that."""
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 16, 16)
+    reference = (levels.double() / 255).float()
+    assert torch.equal(to_unit_float(levels), reference)
+    validation = SampleTransform(AugmentationConfig(), train=False, normalize=None)
+    assert torch.equal(validation({"image": levels[0]})["image"], reference)
+    shift = np.array([[1.0, 0, -3], [0, 1.0, -5], [0, 0, 1.0]])  # integer shift: no interpolation
+    shifted = Resampler(shift, (16, 16), (8, 8)).bilinear(levels)
+    torch.testing.assert_close(shifted, reference[:, 5:13, 3:11], atol=1e-6, rtol=0)
+    floats = torch.rand(2, 3, dtype=torch.float64)
+    assert torch.equal(to_unit_float(floats), floats.float())  # floats are taken as they are
+    with pytest.raises(TypeError, match="uint8 or floating"):
+        to_unit_float(levels.to(torch.int16))

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from gcrf import viz
+from gcrf.conventions import IMAGENET_MEAN, IMAGENET_STD
+from gcrf.data.palettes import IGNORE_COLOR
+from gcrf.data.transforms import AugmentationConfig, SampleTransform
 
 PALETTE = torch.tensor([[0, 0, 0], [128, 0, 0], [0, 128, 0], [10, 20, 30]], dtype=torch.uint8)
 
@@ -24,7 +27,7 @@ def test_colorize_labels_uses_palette_exactly() -> None:
         for row in range(7):
             for col in range(9):
                 label = int(labels[n, row, col])
-                expected = viz.IGNORE_COLOR if label == 255 else tuple(PALETTE[label].tolist())
+                expected = IGNORE_COLOR if label == 255 else tuple(PALETTE[label].tolist())
                 assert tuple(rgb[n, :, row, col].tolist()) == expected
 
 
@@ -44,7 +47,7 @@ def test_colorize_labels_single_map_custom_ignore_and_inputs_untouched() -> None
 
 def test_ignore_colour_is_not_a_palette_colour() -> None:
     # The default ignore colour must stay distinct from the colours of real classes.
-    assert list(viz.IGNORE_COLOR) not in PALETTE.tolist()
+    assert list(IGNORE_COLOR) not in PALETTE.tolist()
 
 
 @pytest.mark.parametrize(
@@ -116,17 +119,17 @@ def test_dilate_labels_grows_clicks_and_smallest_class_wins() -> None:
 # ------------------------------------------------------------------------------- normalisation
 def test_denormalize_round_trip_and_reference() -> None:
     image = torch.rand(2, 3, 5, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    mean = torch.tensor(viz.IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1)
-    std = torch.tensor(viz.IMAGENET_STD, dtype=torch.float64).view(3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(3, 1, 1)
     normalised = (image - mean) / std  # the reference, written here
-    assert torch.allclose(viz.normalize_image(image), normalised, atol=1e-12)
     back = viz.denormalize_image(normalised)
     assert back.dtype == torch.float64
     assert torch.allclose(back, image, atol=1e-12)
-    # uint8 in, normalised out, and back to the same uint8.
+    # uint8 through the data pipeline's normalisation and back to the same uint8.
     image_u8 = (image[0] * 255).round().to(torch.uint8)
-    again = viz.to_uint8_image(viz.denormalize_image(viz.normalize_image(image_u8)))
-    assert torch.equal(again, image_u8)
+    pipeline = SampleTransform(AugmentationConfig(), train=False)
+    network_input = pipeline({"image": image_u8})["image"]
+    assert torch.equal(viz.to_uint8_image(viz.denormalize_image(network_input)), image_u8)
 
 
 def test_denormalize_clamps_unless_asked_not_to() -> None:
@@ -143,7 +146,7 @@ def test_denormalize_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="std"):
         viz.denormalize_image(torch.zeros(3, 5, 5), std=(1.0, 0.0, 1.0))
     with pytest.raises(ValueError, match="mean and std"):
-        viz.normalize_image(torch.zeros(3, 5, 5), mean=(0.5, 0.5))
+        viz.denormalize_image(torch.zeros(3, 5, 5), mean=(0.5, 0.5))
 
 
 def test_to_uint8_image_rounds_and_clips() -> None:

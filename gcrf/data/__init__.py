@@ -1,14 +1,15 @@
 """Datasets, weak labels and augmentation of gcrf (docs/CONTRACTS.md §2).
 
 - :mod:`gcrf.data.weak_labels` — scribbles / clicks as geometry, their file formats, rasterisation;
-- :mod:`gcrf.data.transforms` — one random geometric draw for image, masks and weak labels;
+- :mod:`gcrf.data.transforms` — raw samples, the resampler, the geometries and the pipeline: one
+  random geometric draw for image, masks and weak labels;
 - :mod:`gcrf.data.datamodule` — the Lightning data module all datasets share, CE class weights;
 - :mod:`gcrf.data.synthetic` — procedural scenes (no download; the demo and test default);
 - :mod:`gcrf.data.voc` — Pascal VOC 2012 + SBD with clicks and ScribbleSup scribbles;
 - :mod:`gcrf.data.cityscapes` and :mod:`gcrf.data.cityscapes_clicks` — Cityscapes with synthetic
   clicks generated from the instance masks;
 - :mod:`gcrf.data.acdc` — ACDC cardiac MRI with scribbles (WSL4MIS layout, patient folds, volumes);
-- :mod:`gcrf.data.palettes` — class names and colours of VOC and Cityscapes.
+- :mod:`gcrf.data.palettes` — class names and colours of every dataset, the ignore colour.
 
 The data modules need the ``train`` extra (Lightning); they are imported on first access.
 """

@@ -15,8 +15,8 @@ which becomes 255 here). The files carry no voxel spacing: distances (HD95) are 
 20(k−1)+1 … 20k and trains on the slices of the other 80 (fold 1: 1,512 training slices,
 40 validation volumes).
 
-**Samples.** Training items are raw samples of :mod:`gcrf.data.transforms` (a 1-channel float
-image, ``semseg_dense`` and ``semseg_scribbles`` label maps), augmented by
+**Samples.** Training items are raw samples (:mod:`gcrf.data.transforms.raw_sample`: a 1-channel
+float image, ``semseg_dense`` and ``semseg_scribbles`` label maps), augmented by
 :class:`~gcrf.data.transforms.RandomRotateFlipResize` (WSL4MIS's random 90° rotations and flips, or a
 small rotation, then the resize to the training size; labels and scribbles nearest) into the sample
 contract with the image left in [0, 1]. Validation items are whole volumes at their original size:
@@ -45,11 +45,10 @@ from torch.utils.data import Dataset
 from gcrf.conventions import IGNORE_INDEX
 from gcrf.data.datamodule import DATASETS_DIR, WeakSegmentationDataModule
 from gcrf.data.downloads import download_verified, file_sha256
+from gcrf.data.palettes import ACDC_CLASS_NAMES, ACDC_PALETTE
 from gcrf.data.transforms import AugmentationConfig, RandomRotateFlipResize, SampleTransform
 
 __all__ = [
-    "ACDC_CLASS_NAMES",
-    "ACDC_PALETTE",
     "ACDCDataModule",
     "ACDCSliceDataset",
     "ACDCVolumeDataset",
@@ -63,11 +62,6 @@ logger = logging.getLogger(__name__)
 
 SLICES = "ACDC_training_slices"
 VOLUMES = "ACDC_training_volumes"
-#: Background, right ventricle, myocardium, left ventricle (the label values 0..3).
-ACDC_CLASS_NAMES: tuple[str, ...] = ("background", "rv", "myo", "lv")
-ACDC_PALETTE = torch.tensor(
-    [[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200]], dtype=torch.uint8
-)
 #: The scribble value of unlabelled pixels in the WSL4MIS files.
 UNLABELLED = 4
 NUM_PATIENTS = 100
@@ -216,13 +210,21 @@ def _check_shapes(path: Path, arrays: dict[str, np.ndarray], rank: int) -> None:
             raise ValueError(f"{path}: {key!r} must hold integers, got dtype {array.dtype}")
 
 
-def _files(folder: Path, pattern: re.Pattern[str], patients: Sequence[str]) -> list[Path]:
+def _patient_files(
+    root: Path, folder: str, pattern: re.Pattern[str], patients: Sequence[str]
+) -> list[Path]:
+    """The files of ``patients`` in ``root / folder``, sorted; the layout checked, none is an error."""
+    _check_layout(root)
     wanted = set(patients)
     files = []
-    for path in sorted(folder.iterdir()):
+    for path in sorted((root / folder).iterdir()):
         match = pattern.match(path.name)
         if match and match.group(1) in wanted:
             files.append(path)
+    if not files:
+        raise FileNotFoundError(
+            f"no ACDC file of patients {list(patients)[:3]}… in {root / folder}"
+        )
     return files
 
 
@@ -238,12 +240,7 @@ class ACDCSliceDataset(Dataset):
 
     def __init__(self, root: str | Path, patients: Sequence[str], cache: bool = False) -> None:
         self.root = Path(root)
-        _check_layout(self.root)
-        self.files = _files(self.root / SLICES, _SLICE_NAME, patients)
-        if not self.files:
-            raise FileNotFoundError(
-                f"no ACDC slice of patients {list(patients)[:3]}… in {self.root / SLICES}"
-            )
+        self.files = _patient_files(self.root, SLICES, _SLICE_NAME, patients)
         self.cache = cache
         self._cached: dict[int, dict[str, Any]] = {}
 
@@ -290,12 +287,7 @@ class ACDCVolumeDataset(Dataset):
 
     def __init__(self, root: str | Path, patients: Sequence[str]) -> None:
         self.root = Path(root)
-        _check_layout(self.root)
-        self.files = _files(self.root / VOLUMES, _VOLUME_NAME, patients)
-        if not self.files:
-            raise FileNotFoundError(
-                f"no ACDC volume of patients {list(patients)[:3]}… in {self.root / VOLUMES}"
-            )
+        self.files = _patient_files(self.root, VOLUMES, _VOLUME_NAME, patients)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -332,9 +324,10 @@ class ACDCDataModule(WeakSegmentationDataModule):
             ever tells scribble-trained networks that dark air is background. 255 ignores them.
             The padded pixels stay invalid (``valid`` = 0) for the Gated CRF loss either way.
         batch_size: training batch size (WSL4MIS: 12).
-        num_workers: training loader processes.
         num_workers_validation: validation loader processes (volumes come one at a time).
-        seed: seed of the training shuffle.
+        **kwargs: the other arguments of :class:`~gcrf.data.datamodule.WeakSegmentationDataModule`
+            (``num_workers``, ``seed``); its ``augmentation`` follows from ``image_size`` and the
+            validation batch size is 1 (whole volumes).
 
     Example:
         >>> dm = ACDCDataModule("/data/ACDC", fold=1)  # doctest: +SKIP
@@ -357,18 +350,16 @@ class ACDCDataModule(WeakSegmentationDataModule):
         cache: bool = False,
         padding_label: int = 0,
         batch_size: int = 12,
-        num_workers: int = 4,
         num_workers_validation: int = 1,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         acdc_fold(fold)  # validates
         super().__init__(
-            AugmentationConfig(crop_size=image_size),
+            augmentation=AugmentationConfig(crop_size=image_size),
             batch_size=batch_size,
             batch_size_validation=1,
-            num_workers=num_workers,
             num_workers_validation=num_workers_validation,
-            seed=seed,
+            **kwargs,
         )
         self.root = Path(root)
         self.fold = fold

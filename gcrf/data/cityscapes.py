@@ -363,7 +363,7 @@ def load_published_cityscapes_clicks(
 
 # ------------------------------------------------------------------------------------- datasets
 class CityscapesFine(ImageFileDataset):
-    """One split of Cityscapes fine as raw samples (see :mod:`gcrf.data.transforms`).
+    """One split of Cityscapes fine as raw samples (see :mod:`gcrf.data.transforms.raw_sample`).
 
     Args:
         records: the images (:func:`list_split`).
@@ -421,15 +421,13 @@ class CityscapesDataModule(WeakSegmentationDataModule):
             repository's ``cityscapes_synthetic_clicks.json`` (label ids, one file for both
             splits, no sidecar; :func:`load_published_cityscapes_clicks`). ``None``: published
             when the file is named ``cityscapes_synthetic_clicks.json`` (``.gz``), else gcrf.
-        augmentation: default :data:`CITYSCAPES_AUGMENTATION`: the published 512 crops for
-            training, validation at full size (1024×2048); ``None`` also gives it. Typed without
-            ``None`` so that LightningCLI exposes ``--data.augmentation.crop_size`` and friends
-            (the recipe presets set them).
-        batch_size: training batch size.
-        batch_size_validation: validation batch size.
-        num_workers: training loader processes.
+        augmentation: augmentation settings (published ``aug_*``); default
+            :data:`CITYSCAPES_AUGMENTATION`: the published 512 crops for training, validation at
+            full size (1024×2048).
+        batch_size_validation: validation batch size (2: full-size frames).
         num_workers_validation: validation loader processes.
-        seed: seed of the training shuffle.
+        **kwargs: the other arguments of :class:`~gcrf.data.datamodule.WeakSegmentationDataModule`
+            (``batch_size``, ``num_workers``, ``seed``).
 
     Raises:
         FileNotFoundError: (at setup) missing layout or click file, with what to do.
@@ -451,19 +449,15 @@ class CityscapesDataModule(WeakSegmentationDataModule):
         clicks: bool = True,
         clicks_format: Literal["gcrf", "published"] | None = None,
         augmentation: AugmentationConfig = CITYSCAPES_AUGMENTATION,
-        batch_size: int = 8,
         batch_size_validation: int = 2,
-        num_workers: int = 4,
         num_workers_validation: int = 2,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
-            augmentation if augmentation is not None else CITYSCAPES_AUGMENTATION,
-            batch_size=batch_size,
+            augmentation=augmentation,
             batch_size_validation=batch_size_validation,
-            num_workers=num_workers,
             num_workers_validation=num_workers_validation,
-            seed=seed,
+            **kwargs,
         )
         if not isinstance(root, (str, Path)):
             raise TypeError(f"root must be a path, got {type(root).__name__}")

@@ -1,12 +1,20 @@
 """The Lightning data module every dataset of gcrf shares.
 
-A dataset of gcrf is a map-style dataset of **raw samples** (see :mod:`gcrf.data.transforms`:
-``image``, ``semseg_dense``, ``scribbles``, ``clicks``, ``index``). :class:`WeakSegmentationDataModule`
-builds the training and validation raw datasets through :meth:`~WeakSegmentationDataModule.build_datasets`
-(the one method a dataset's data module writes), wraps them with the augmentation pipeline of
+A dataset of gcrf is a map-style dataset of **raw samples** (see
+:mod:`gcrf.data.transforms.raw_sample`: ``image``, ``semseg_dense``, ``scribbles``, ``clicks``,
+``index``). :class:`WeakSegmentationDataModule` builds the training and validation raw datasets
+through :meth:`~WeakSegmentationDataModule.build_datasets` (the one method a dataset's data module
+writes), wraps them with the augmentation pipeline of
 :func:`gcrf.data.transforms.build_transform`, and serves the batches of CONTRACTS §2 together with
 what the training module reads from a data module: ``num_classes``, ``class_names``, ``palette`` and
 :meth:`~WeakSegmentationDataModule.label_histogram` (for the class weights of cross entropy).
+
+The arguments of :class:`WeakSegmentationDataModule` (``augmentation``, ``batch_size``, ...) have
+one home, its ``__init__``: a data module's ``__init__`` takes its own arguments and ``**kwargs``,
+passed on as ``super().__init__(**kwargs)``. jsonargparse follows that call, so LightningCLI lists
+them (``--data.batch_size``, ...) for every data module with the types, defaults and help written
+there. A data module names one of them in its own signature only to give it another default (or,
+passing it itself, to fix it and take it off the command line).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from gcrf.conventions import IGNORE_INDEX, LABEL_MODALITIES
 from gcrf.data.transforms import AugmentationConfig, build_transform
-from gcrf.data.weak_labels import rasterise_clicks, rasterise_scribbles
+from gcrf.data.weak_labels import rasterise_clicks, scribble_label_map
 
 __all__ = [
     "DATASETS_DIR",
@@ -165,9 +173,9 @@ def label_map(sample: dict[str, Any], modality: str, stroke_width: int = 1) -> t
             return torch.full(size, IGNORE_INDEX, dtype=torch.int64)
         return torch.as_tensor(np.asarray(dense), dtype=torch.int64)
     if modality == "semseg_scribbles":
-        if sample.get("semseg_scribbles") is not None:  # scribbles given as a label map (ACDC)
-            return torch.as_tensor(np.asarray(sample["semseg_scribbles"]), dtype=torch.int64)
-        return rasterise_scribbles(sample.get("scribbles") or [], size, stroke_width)
+        return scribble_label_map(
+            sample.get("scribbles"), sample.get("semseg_scribbles"), size, stroke_width
+        )
     return rasterise_clicks(sample.get("clicks") or [], size, stroke_width)
 
 

@@ -1,8 +1,11 @@
-"""Class names and display colours of the datasets of gcrf (Pascal VOC, Cityscapes).
+"""Class names and display colours of the datasets of gcrf: the one home of every palette.
 
-Colours are the datasets' own: the VOC colour map of the devkit (``bitget`` construction, the palette
-of VOC's ``SegmentationClass`` PNGs) and the Cityscapes ``labels.py`` colours of the 19 train ids.
+Colours are the datasets' own where they have them: the VOC colour map of the devkit (``bitget``
+construction, the palette of VOC's ``SegmentationClass`` PNGs) and the Cityscapes ``labels.py``
+colours of the 19 train ids. ACDC gets four distinct colours, the procedural scenes their classes'
+mean colours (:data:`SYNTHETIC_MEAN_COLOURS`, which the generator draws around), and
 :func:`distinct_palette` colours any other set of classes (the fallback of the TensorBoard grids).
+:data:`IGNORE_COLOR` shows the ignore label in every picture.
 """
 
 from __future__ import annotations
@@ -12,13 +15,22 @@ import colorsys
 import torch
 
 __all__ = [
+    "ACDC_CLASS_NAMES",
+    "ACDC_PALETTE",
     "CITYSCAPES_CLASS_NAMES",
     "CITYSCAPES_PALETTE",
+    "IGNORE_COLOR",
+    "SYNTHETIC_MEAN_COLOURS",
     "VOC_CLASS_NAMES",
     "VOC_PALETTE",
     "distinct_palette",
+    "synthetic_palette",
     "voc_colormap",
 ]
+
+#: Colour of the ignore label in pictures: the "void" colour of the Pascal VOC annotations, which no
+#: class of any palette here uses.
+IGNORE_COLOR: tuple[int, int, int] = (224, 224, 192)
 
 VOC_CLASS_NAMES: tuple[str, ...] = (
     "background",
@@ -124,6 +136,48 @@ CITYSCAPES_PALETTE: torch.Tensor = torch.tensor(
     ],
     dtype=torch.uint8,
 )
+
+
+#: Background, right ventricle, myocardium, left ventricle (the ACDC label values 0..3).
+ACDC_CLASS_NAMES: tuple[str, ...] = ("background", "rv", "myo", "lv")
+
+#: 4×3 uint8 colours of the ACDC classes.
+ACDC_PALETTE: torch.Tensor = torch.tensor(
+    [[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200]], dtype=torch.uint8
+)
+
+#: Mean colour (RGB in [0, 1]) of each object class of the procedural scenes, in class order from
+#: class 1: the generator draws every object's colour around it (:mod:`gcrf.data.synthetic`).
+SYNTHETIC_MEAN_COLOURS: tuple[tuple[float, float, float], ...] = (
+    (0.80, 0.35, 0.30),
+    (0.30, 0.70, 0.35),
+    (0.30, 0.40, 0.80),
+    (0.80, 0.75, 0.30),
+    (0.70, 0.35, 0.75),
+    (0.30, 0.75, 0.75),
+)
+
+
+def synthetic_palette(num_classes: int) -> torch.Tensor:
+    """Display colours of the procedural classes: background black, objects their mean colour.
+
+    Args:
+        num_classes: number of classes including the background (2 to 7).
+
+    Returns:
+        ``num_classes``×3 uint8 tensor.
+
+    Example:
+        >>> synthetic_palette(3).tolist()
+        [[0, 0, 0], [204, 89, 76], [76, 178, 89]]
+    """
+    if not isinstance(num_classes, int) or not 2 <= num_classes <= len(SYNTHETIC_MEAN_COLOURS) + 1:
+        raise ValueError(
+            f"num_classes must be an int in [2, {len(SYNTHETIC_MEAN_COLOURS) + 1}], got "
+            f"{num_classes!r}"
+        )
+    colours = [(0.0, 0.0, 0.0), *SYNTHETIC_MEAN_COLOURS[: num_classes - 1]]
+    return torch.tensor(colours, dtype=torch.float64).mul(255).round().to(torch.uint8)
 
 
 def distinct_palette(num_classes: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,7 @@ import torch
 from scipy import ndimage
 
 from gcrf.data.datamodule import WeakSegmentationDataModule
+from gcrf.data.palettes import SYNTHETIC_MEAN_COLOURS, synthetic_palette
 from gcrf.data.transforms import AugmentationConfig
 
 __all__ = [
@@ -45,25 +46,13 @@ __all__ = [
     "generate_scene",
     "synthetic_augmentation",
     "synthetic_class_names",
-    "synthetic_palette",
 ]
 
 #: Shape of each object class, in class order (class 0 is the background).
 SHAPE_NAMES: tuple[str, ...] = ("disc", "rectangle", "triangle", "ring", "cross", "diamond")
 
-# Mean colour (RGB in [0, 1]) of each object class; the per-object colour is drawn around it with a
-# spread (`SceneConfig.colour_spread`) large enough that the classes' colour distributions overlap.
-_CLASS_MEAN_COLOURS = np.array(
-    [
-        [0.80, 0.35, 0.30],
-        [0.30, 0.70, 0.35],
-        [0.30, 0.40, 0.80],
-        [0.80, 0.75, 0.30],
-        [0.70, 0.35, 0.75],
-        [0.30, 0.75, 0.75],
-    ],
-    dtype=np.float64,
-)
+# The generator's class colours, as an array (the palette module holds them).
+_CLASS_MEAN_COLOURS = np.array(SYNTHETIC_MEAN_COLOURS, dtype=np.float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,24 +142,6 @@ def synthetic_class_names(num_classes: int) -> tuple[str, ...]:
     if not 2 <= num_classes <= len(SHAPE_NAMES) + 1:
         raise ValueError(f"num_classes must be in [2, {len(SHAPE_NAMES) + 1}], got {num_classes!r}")
     return ("background", *SHAPE_NAMES[: num_classes - 1])
-
-
-def synthetic_palette(num_classes: int) -> torch.Tensor:
-    """Display colours of the procedural classes (background black, objects their mean colour).
-
-    Args:
-        num_classes: number of classes including the background.
-
-    Returns:
-        ``num_classes``×3 uint8 tensor.
-
-    Example:
-        >>> synthetic_palette(4).shape
-        torch.Size([4, 3])
-    """
-    names = synthetic_class_names(num_classes)
-    colours = np.concatenate([np.zeros((1, 3)), _CLASS_MEAN_COLOURS[: len(names) - 1]], axis=0)
-    return torch.from_numpy(np.round(colours * 255).astype(np.uint8))
 
 
 # ----------------------------------------------------------------------------------------- shapes
@@ -369,15 +340,17 @@ def generate_scene(config: SceneConfig, seed: int, index: int) -> dict[str, Any]
 
 
 class ProceduralScenes(torch.utils.data.Dataset):
-    """A map-style dataset of procedural scenes, generated on access.
+    """A map-style dataset of procedural scenes (raw samples), generated on access.
+
+    Items are the dicts of :func:`generate_scene` plus ``index``: raw samples, like every dataset
+    of gcrf; the data module applies the transform (or wrap it by hand:
+    ``TransformedDataset(ProceduralScenes(...), build_transform(...))``).
 
     Args:
         length: number of items.
         config: generator parameters (default ``SceneConfig()``).
         seed: dataset seed; train and validation sets should use different seeds.
-        transform: callable applied to the raw scene dict (see :func:`generate_scene`, plus ``index``);
-            ``None`` returns the raw scene.
-        cache: keep generated raw scenes in memory (they are small; useful when the same items are
+        cache: keep generated scenes in memory (they are small; useful when the same items are
             read every epoch).
 
     Example:
@@ -391,7 +364,6 @@ class ProceduralScenes(torch.utils.data.Dataset):
         length: int,
         config: SceneConfig | None = None,
         seed: int = 0,
-        transform: Callable[[dict[str, Any]], Any] | None = None,
         cache: bool = False,
     ) -> None:
         if not isinstance(length, int) or length < 1:
@@ -399,14 +371,12 @@ class ProceduralScenes(torch.utils.data.Dataset):
         self.length = length
         self.config = config if config is not None else SceneConfig()
         self.seed = seed
-        self.transform = transform
         self._cache: dict[int, dict[str, Any]] | None = {} if cache else None
 
     def __len__(self) -> int:
         return self.length
 
-    def raw(self, index: int) -> dict[str, Any]:
-        """The raw scene (before the transform) of item ``index``."""
+    def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for a dataset of length {self.length}")
         if self._cache is not None and index in self._cache:
@@ -416,10 +386,6 @@ class ProceduralScenes(torch.utils.data.Dataset):
             if self._cache is not None:
                 self._cache[index] = scene
         return {**scene, "index": index}
-
-    def __getitem__(self, index: int) -> Any:
-        scene = self.raw(index)
-        return self.transform(scene) if self.transform is not None else scene
 
     @property
     def class_names(self) -> Sequence[str]:
@@ -451,26 +417,27 @@ class SyntheticDataModule(WeakSegmentationDataModule):
     """Procedural scenes as a Lightning data module: no download, no files.
 
     Training and validation sets are :class:`ProceduralScenes` with seeds ``seed`` and
-    ``seed + 1`` (disjoint scenes). Items follow CONTRACTS §2 (``image``, ``semseg_dense``,
-    ``semseg_scribbles``, ``semseg_clicks``, ``valid``, ``index``).
+    ``seed + 1`` (disjoint scenes). Items follow CONTRACTS §2
+    (``image``, ``semseg_dense``, ``semseg_scribbles``, ``semseg_clicks``, ``valid``, ``index``).
 
     Args:
         num_classes: classes including the background (2 to 7).
         image_size: side of a scene in pixels.
         train_length: number of training scenes.
         val_length: number of validation scenes.
-        seed: seed of the training scenes (validation uses ``seed + 1``) and of the shuffle.
-        augmentation: augmentation settings; ``None``: :func:`synthetic_augmentation` (flips only,
-            the scenes are already at training size).
-        batch_size: training batch size.
-        batch_size_validation: validation batch size.
-        num_workers: training loader workers.
-        num_workers_validation: validation loader workers.
         scribble_margin: least distance of weak labels to any region boundary (pixels).
         objects_min: fewest objects per scene.
         objects_max: most objects per scene.
         noise_std: per-pixel noise.
         cache: keep generated scenes in memory.
+        seed: seed of the training scenes (validation uses ``seed + 1``) and of the shuffle.
+        augmentation: augmentation settings; ``None``: :func:`synthetic_augmentation` (flips only,
+            the scenes are already at training size).
+        batch_size_validation: validation batch size.
+        num_workers: training loader processes (0: scenes are cheap and cached in this process).
+        num_workers_validation: validation loader processes.
+        **kwargs: the other arguments of :class:`~gcrf.data.datamodule.WeakSegmentationDataModule`
+            (``batch_size``).
 
     Example:
         >>> dm = SyntheticDataModule(image_size=32, train_length=8, val_length=4, batch_size=2)
@@ -485,25 +452,27 @@ class SyntheticDataModule(WeakSegmentationDataModule):
         image_size: int = 64,
         train_length: int = 1024,
         val_length: int = 256,
-        seed: int = 0,
-        augmentation: AugmentationConfig | None = None,
-        batch_size: int = 8,
-        batch_size_validation: int = 64,
-        num_workers: int = 0,
-        num_workers_validation: int = 0,
         scribble_margin: float = 3.0,
         objects_min: int = 2,
         objects_max: int = 4,
         noise_std: float = 0.03,
         cache: bool = True,
+        seed: int = 0,
+        augmentation: AugmentationConfig | None = None,
+        batch_size_validation: int = 64,
+        num_workers: int = 0,
+        num_workers_validation: int = 0,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
-            augmentation if augmentation is not None else synthetic_augmentation(image_size),
-            batch_size=batch_size,
+            augmentation=(
+                augmentation if augmentation is not None else synthetic_augmentation(image_size)
+            ),
             batch_size_validation=batch_size_validation,
             num_workers=num_workers,
             num_workers_validation=num_workers_validation,
             seed=seed,
+            **kwargs,
         )
         self.scene_config = SceneConfig(
             image_size=image_size,

@@ -323,12 +323,6 @@ class VOCDataModule(WeakSegmentationDataModule):
     Args:
         root: data root (published ``--datasets_dir``; layout in the module docstring).
         download: fetch VOC, SBD (torchvision) and the ScribbleSup zip when missing.
-        augmentation: augmentation settings (published ``aug_*``).
-        batch_size: training batch size.
-        batch_size_validation: validation batch size.
-        num_workers: training loader processes.
-        num_workers_validation: validation loader processes.
-        seed: seed of the training shuffle.
         sbd: add SBD to the training set (10,582 images; ``False``: VOC train, 1,464).
         clicks_dir: folder of the click files and their manifest (default: the shipped
             ``datasets/voc_clicks``).
@@ -339,6 +333,10 @@ class VOCDataModule(WeakSegmentationDataModule):
             the manifest (no download, no hash): e.g. the published repository's
             ``datasets/voc_scribbles.zip`` (``<image>.xml`` at its root) or a copy of
             ``scribble_annotation.zip`` kept elsewhere.
+        augmentation: augmentation settings (published ``aug_*``); default
+            :data:`VOC_AUGMENTATION`: validation on the 512×512 centre crop (batches collate).
+        **kwargs: the other arguments of :class:`~gcrf.data.datamodule.WeakSegmentationDataModule`
+            (``batch_size``, ``num_workers``, ...).
 
     Example:
         >>> dm = VOCDataModule("/data/voc", download=True)  # doctest: +SKIP
@@ -352,26 +350,15 @@ class VOCDataModule(WeakSegmentationDataModule):
         self,
         root: str = "data/voc",
         download: bool = False,
-        augmentation: AugmentationConfig = VOC_AUGMENTATION,
-        batch_size: int = 8,
-        batch_size_validation: int = 8,
-        num_workers: int = 4,
-        num_workers_validation: int = 4,
-        seed: int = 0,
         sbd: bool = True,
         clicks_dir: str | None = None,
         scribbles: bool = True,
         scribbles_manifest: str | None = None,
         scribbles_file: str | None = None,
+        augmentation: AugmentationConfig = VOC_AUGMENTATION,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            augmentation if augmentation is not None else VOC_AUGMENTATION,
-            batch_size=batch_size,
-            batch_size_validation=batch_size_validation,
-            num_workers=num_workers,
-            num_workers_validation=num_workers_validation,
-            seed=seed,
-        )
+        super().__init__(augmentation=augmentation, **kwargs)
         self.root = root
         self.download = download
         self.sbd = sbd

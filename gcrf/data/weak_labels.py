@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from gcrf.conventions import IGNORE_INDEX
+from gcrf.data.palettes import VOC_CLASS_NAMES
 
 __all__ = [
     "IGNORE_INDEX",
@@ -48,33 +49,22 @@ __all__ = [
     "parse_scribblesup_xml",
     "rasterise_clicks",
     "rasterise_scribbles",
+    "scribble_label_map",
     "sha256_of_bytes",
     "shorten_polyline",
 ]
 
-#: ScribbleSup class tags in VOC class order (index = VOC class id).
-SCRIBBLESUP_TAGS: tuple[str, ...] = (
-    "background",
-    "plane",
-    "bike",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "table",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "plant",
-    "sheep",
-    "sofa",
-    "train",
-    "monitor",
+#: ScribbleSup class tags in VOC class order (index = VOC class id): the VOC class names, five of
+#: them shortened.
+SCRIBBLESUP_TAGS: tuple[str, ...] = tuple(
+    {
+        "aeroplane": "plane",
+        "bicycle": "bike",
+        "diningtable": "table",
+        "pottedplant": "plant",
+        "tvmonitor": "monitor",
+    }.get(name, name)
+    for name in VOC_CLASS_NAMES
 )
 
 Scribble = tuple[int, np.ndarray]
@@ -378,3 +368,50 @@ def rasterise_clicks(
         _check_size(size),
         stroke_width,
     )
+
+
+def scribble_label_map(
+    scribbles: Iterable[tuple[int, Any]] | None,
+    label_map: Any,
+    size: Sequence[int],
+    stroke_width: int = 1,
+) -> torch.Tensor:
+    """The scribbles of a sample as a label map, from the one form the sample gives them in.
+
+    A sample gives its scribbles either as polylines (raw key ``scribbles``; drawn here by
+    :func:`rasterise_scribbles`) or as a label map (raw key ``semseg_scribbles``, e.g. ACDC; taken
+    as it is), never both. The transform pipeline and the label histogram both read scribbles
+    through this function.
+
+    Args:
+        scribbles: ``(class_id, P×2 (x, y))`` polylines, or ``None`` / empty.
+        label_map: integer ``H×W`` map (255 = unlabelled), or ``None``.
+        size: ``(height, width)`` of the result.
+        stroke_width: pen diameter of the polylines in pixels.
+
+    Returns:
+        int64 ``H×W`` map, :data:`IGNORE_INDEX` where unlabelled.
+
+    Raises:
+        ValueError: both forms given, or a label map that is not ``size``.
+
+    Example:
+        >>> scribble_label_map(None, np.array([[1, 255]]), (1, 2)).tolist()
+        [[1, 255]]
+    """
+    scribbles = list(scribbles or ())
+    if label_map is None:
+        return rasterise_scribbles(scribbles, size, stroke_width)
+    if scribbles:
+        raise ValueError(
+            "a sample gives its scribbles either as polylines ('scribbles') or as a label map "
+            f"('semseg_scribbles'), not both; got {len(scribbles)} polyline(s) and a label map"
+        )
+    if not isinstance(label_map, torch.Tensor):
+        label_map = np.asarray(label_map)
+    labels = torch.as_tensor(label_map, dtype=torch.int64)
+    if tuple(labels.shape) != _check_size(size):
+        raise ValueError(
+            f"semseg_scribbles must be {tuple(size)} (H×W), got shape {tuple(labels.shape)}"
+        )
+    return labels

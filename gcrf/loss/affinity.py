@@ -1,10 +1,10 @@
 """The Gaussian affinity K of the Gated CRF loss, for inspection and visualisation.
 
-:func:`gaussian_affinity` returns the gated kernel ``G_ij · K_ij`` of DESIGN §1 either as a dense
-window map (every pixel × every window offset) or as (2r+1)×(2r+1) patches around chosen pixels,
-ready for ``imshow``. :func:`kernels_vis` tiles a window map into the published ``kernels_vis``
-image (DESIGN §1.7). Both use the same backend ``window_affinity`` as the loss, so what is shown is
-exactly what the loss weighs.
+:func:`gaussian_affinity` returns the gated affinity ``G_ij · K_ij`` (docs/math.md#kernel, #gates)
+either as a dense window map (every pixel × every window offset) or as (2r+1)×(2r+1) patches around
+chosen pixels, ready for ``imshow``. :func:`kernels_vis` tiles a window map into the published
+``kernels_vis`` image (docs/math.md#kernels-vis). Both use the same backend ``window_affinity`` as
+the loss, so what is shown is exactly what the loss weighs.
 """
 
 from __future__ import annotations
@@ -16,13 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gcrf.loss.backends import choose_backend, get_backend
-from gcrf.loss.functional import (
-    Downsampler,
-    KernelDescriptor,
-    LossConfig,
-    PreparedInputs,
-    prepare_inputs,
-)
+from gcrf.loss.core import window_of_config
+from gcrf.loss.functional import Downsampler, KernelDescriptor, LossConfig, PreparedInputs
 
 __all__ = ["affinity_from_prepared", "affinity_of_config", "gaussian_affinity", "kernels_vis"]
 
@@ -30,37 +25,8 @@ __all__ = ["affinity_from_prepared", "affinity_of_config", "gaussian_affinity", 
 def affinity_from_prepared(prepared: PreparedInputs, backend: str = "auto") -> Tensor:
     """Dense window affinity N×(2r+1)^k×*S of prepared inputs (see :func:`gaussian_affinity`)."""
     probs = prepared.pairwise.probs
-    _, window_affinity = get_backend(choose_backend(backend, probs, probs.dim() - 2))
-    return window_affinity(prepared.window)
-
-
-def _reference_shape(
-    features: Mapping[str, Tensor],
-    kernels: Sequence,
-    size: Sequence[int] | None,
-    masks: Sequence[Tensor | None],
-) -> tuple[int, tuple[int, ...], torch.device, torch.dtype]:
-    """Batch size, prediction size, device and dtype implied by the inputs."""
-    tensors = [
-        features[name]
-        for kernel in kernels
-        for name, _ in kernel.modalities
-        if isinstance(features.get(name), Tensor)
-    ]
-    tensors += [m for m in masks if isinstance(m, Tensor)]
-    if size is None:
-        if not tensors:
-            raise ValueError("size is required when no feature map or mask gives the image size")
-        size = tuple(tensors[0].shape[2:])
-    size = tuple(int(s) for s in size)
-    if len(size) not in (2, 3) or min(size) < 1:
-        raise ValueError(f"size must be (h, w) or (d, h, w) of positive ints; got {size!r}")
-    if tensors:
-        batch, device = tensors[0].shape[0], tensors[0].device
-        dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-    else:
-        batch, device, dtype = 1, torch.device("cpu"), torch.float32
-    return batch, size, device, dtype
+    core = get_backend(choose_backend(backend, probs, probs.dim() - 2))
+    return core.window_affinity(prepared.window)
 
 
 def affinity_of_config(
@@ -72,14 +38,9 @@ def affinity_of_config(
     backend: str = "auto",
 ) -> Tensor:
     """Dense window affinity of a validated loss configuration (see :func:`gaussian_affinity`)."""
-    batch, size, device, dtype = _reference_shape(
-        features, config.kernels, size, (mask_src, mask_dst)
-    )
-    # The loss' preparation only needs probs for its shape, device and dtype: a zero-stride stand-in.
-    stand_in = torch.zeros((), device=device, dtype=dtype).expand(batch, 1, *size)
-    return affinity_from_prepared(
-        prepare_inputs(stand_in, features, config, mask_src, mask_dst), backend
-    )
+    window = window_of_config(features, config, size, mask_src, mask_dst)
+    core = get_backend(choose_backend(backend, window.features, window.spatial_rank))
+    return core.window_affinity(window)
 
 
 def gaussian_affinity(
@@ -98,14 +59,13 @@ def gaussian_affinity(
 
     Args:
         features: modality name → N×D×H×W (N×D×D'×H×W) feature map, as for the loss.
-        kernels: kernel descriptors, as for the loss.
-        radius: window radius r.
+        kernels, radius, downsamplers, spacing: the configuration (:meth:`LossConfig.build`).
         size: prediction size (h, w) or (d, h, w) at which K is computed; default: the size of the
             feature maps (no resizing).
         pixels: optional list of pixel coordinates ``(y, x)`` (``(z, y, x)``) at the prediction
             size; then only the window around each is returned.
         mask_src, mask_dst: optional gates, as for the loss.
-        downsamplers, spacing, backend: as for the loss.
+        backend: as for the loss.
 
     Shape:
         Returns N×(2r+1)^k×*size without ``pixels``: entry ``[n, o, i]`` is the affinity between
@@ -144,7 +104,7 @@ def kernels_vis(affinity: Tensor, radius: int, output_size: Sequence[int]) -> Te
 
     The window of the pixels at ``(r + a·(2r+1), r + b·(2r+1))`` is placed at block ``(a, b)``, so
     the tiles cover the h×w map (cropped or zero-padded at the border), which is then upscaled
-    (nearest) to ``output_size`` (DESIGN §1.7).
+    (nearest) to ``output_size`` (docs/math.md#kernels-vis).
 
     Args:
         affinity: dense window affinity from :func:`gaussian_affinity` (images only).

@@ -7,9 +7,11 @@ Two backends implement docs/CONTRACTS.md §1:
   Triton's CPU interpreter, which is for tests only) and a spatial rank in its
   ``SUPPORTED_SPATIAL_RANKS``.
 
-``backend="auto"`` picks ``"triton"`` when it can run on the given tensors and falls back to
-``"torch"`` otherwise, logging the reason at debug level. An explicitly requested backend that cannot
-run raises ``ValueError`` with the reason: nothing falls back silently when asked for by name.
+``backend="auto"`` picks ``"triton"`` for CUDA tensors when it can run and has passed its
+self-check for that device, dtype and rank (:mod:`gcrf.loss.selfcheck`), and falls back to
+``"torch"`` otherwise, logging the reason (a failed self-check as a warning, once). An explicitly
+requested backend that cannot run raises ``ValueError`` with the reason: nothing falls back silently
+when asked for by name, and ``backend="triton"`` skips the self-check.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from gcrf.loss import torch_backend
+from gcrf.loss import selfcheck, torch_backend
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "BACKENDS",
+    "Backend",
     "BackendStatus",
     "available_backends",
     "check_backend_name",
@@ -126,13 +129,27 @@ def available_backends(
         spatial_rank: 2 (images) or 3 (volumes), or None for any.
 
     Returns:
-        One :class:`BackendStatus` per backend, in order of preference.
+        One :class:`BackendStatus` per backend, in order of preference. With ``probs`` and
+        ``spatial_rank`` given, Triton is reported unusable for ``backend="auto"`` where its
+        self-check failed on that device, dtype and rank (an explicit ``backend="triton"`` still
+        runs it).
 
     Example:
         >>> [s.name for s in available_backends() if s.usable]
         ['torch']
     """
-    return [_triton_status(probs, spatial_rank), _torch_status(spatial_rank)]
+    triton = _triton_status(probs, spatial_rank)
+    if triton.usable and probs is not None and spatial_rank is not None:
+        verdict = selfcheck.cached_verdict(probs.device, probs.dtype, spatial_rank)
+        if verdict is not None and not verdict.ok:
+            key = (str(probs.device), probs.dtype, spatial_rank)
+            triton = BackendStatus("triton", False, verdict.reason(key))
+    return [triton, _torch_status(spatial_rank)]
+
+
+def _on_cuda(tensor: Tensor) -> bool:
+    """Whether ``backend="auto"`` treats the tensor as a GPU tensor (tests stand a CPU in)."""
+    return tensor.is_cuda
 
 
 def choose_backend(backend: str, probs: Tensor, spatial_rank: int) -> str:
@@ -156,12 +173,15 @@ def choose_backend(backend: str, probs: Tensor, spatial_rank: int) -> str:
     check_backend_name(backend)
     if backend == "auto":
         # "auto" only picks Triton for CUDA tensors: the interpreter is far too slow for real work.
-        if not probs.is_cuda:
+        if not _on_cuda(probs):
             _debug("backend 'auto': using 'torch' (probs are on %s, not CUDA)", probs.device)
             return "torch"
         status = _triton_status(probs, spatial_rank)
         if status.usable:
-            return "triton"
+            if selfcheck.auto_may_use_triton(probs, spatial_rank):
+                return "triton"
+            _debug("backend 'auto': using 'torch' (Triton not verified or failed its self-check)")
+            return "torch"
         _debug("backend 'auto': using 'torch' (triton unusable: %s)", status.reason)
         if status.reason.startswith("cannot import") and not torch.compiler.is_compiling():
             # A broken or too old Triton on a CUDA machine: say so once, loudly, not only in debug.
@@ -190,13 +210,25 @@ def preload_backends() -> None:
         _import_triton_backend()
 
 
-def get_backend(name: str) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
-    """The ``(gated_crf_pairwise_sum, window_affinity)`` pair of a resolved backend name."""
+class Backend(NamedTuple):
+    """The three functions of a backend (docs/CONTRACTS.md §1)."""
+
+    pairwise_sum: Callable[..., Tensor]  # gated_crf_pairwise_sum(PairwiseInputs) -> S
+    window_affinity: Callable[..., Tensor]  # window_affinity(GatedWindow) -> N×(2r+1)^k×*S
+    window_message: Callable[..., Tensor]  # window_message(GatedWindow, field) -> M
+
+
+def _backend_of(module: ModuleType) -> Backend:
+    return Backend(module.gated_crf_pairwise_sum, module.window_affinity, module.window_message)
+
+
+def get_backend(name: str) -> Backend:
+    """The functions of a resolved backend name (``"triton"`` or ``"torch"``)."""
     if name == "triton":
         module, why = _import_triton_backend()
         if module is None:
             raise ValueError(f"backend='triton' cannot run: {why}")
-        return module.gated_crf_pairwise_sum, module.window_affinity
+        return _backend_of(module)
     if name == "torch":
-        return torch_backend.gated_crf_pairwise_sum, torch_backend.window_affinity
+        return _backend_of(torch_backend)
     raise ValueError(f"backend must be 'triton' or 'torch'; got {name!r}")

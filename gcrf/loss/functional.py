@@ -1,17 +1,16 @@
 """The Gated CRF loss as a function: validation, resizing, feature preparation, D, dispatch.
 
-DESIGN §1 is the specification. This module turns user inputs (probabilities at the prediction
-resolution, feature modalities and masks at the image resolution, kernel descriptors) into the
-prepared tensors of the backend contract (docs/CONTRACTS.md §1), calls the chosen backend for the
-pairwise sum S and divides by D.
+The specification is docs/math.md (#kernel, #gates, #loss, #denominator, #compatibility,
+#volumes). This module turns user inputs (probabilities at the prediction resolution, feature
+modalities and masks at the image resolution, kernel descriptors) into the typed values of the
+backend contract (docs/CONTRACTS.md §1), calls the chosen backend for the pairwise sum S and divides
+by D. The mean-field CRF (:mod:`gcrf.crf`) prepares its window with the same functions.
 
 Positions. The position modality (``"xy"`` for images, ``"xyz"`` for volumes) is never passed by the
 user: its distance depends only on the offset between two pixels, so it becomes a per-kernel,
-per-axis scale. Without ``spacing``, positions are in prediction pixels (the published convention):
-an offset of δ pixels along an axis is δ/σ_xy. With ``spacing`` (physical size of one *input*
-voxel per axis, in tensor axis order), one prediction voxel spans ``spacing · ratio`` where ``ratio``
-is the input/prediction size ratio of that axis, and the offset becomes δ · spacing · ratio / σ_xy,
-so σ_xy is in the same physical unit as ``spacing`` (e.g. mm).
+per-axis scale (``s_k`` of docs/math.md#kernel): ``1/σ_xy`` in prediction pixels without
+``spacing``, ``spacing_a · ratio_a / σ_xy`` with it (``ratio`` the input/prediction size ratio of
+that axis), so σ_xy is then in the physical unit of ``spacing`` (docs/math.md#volumes).
 
 Under ``torch.compile`` the value-dependent checks (non-finite features, negative or non-zero-diagonal
 compatibility) are skipped, since they would force a graph break; shape, dtype and device checks
@@ -30,7 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gcrf.kernels.window import GatedWindow, PairwiseInputs, accumulation_dtype
+from gcrf.kernels.window import (
+    FLOAT_DTYPES,
+    GatedWindow,
+    PairwiseInputs,
+    accumulation_dtype,
+    check_radius,
+    describe,
+)
 from gcrf.loss.backends import choose_backend, get_backend
 
 __all__ = [
@@ -42,6 +48,7 @@ __all__ = [
     "PreparedInputs",
     "gated_crf_loss",
     "prepare_inputs",
+    "prepare_window",
 ]
 
 #: The published kernel: colour (σ 0.1, in the units of the image tensor passed as ``"rgb"``) and
@@ -55,15 +62,9 @@ KernelDescriptor = Mapping[str, float]
 #: A downsampler: ``f(tensor N×D×*S_in, size tuple) -> N×D×*size``, e.g. ``F.adaptive_max_pool2d``.
 Downsampler = Callable[[Tensor, tuple[int, ...]], Tensor]
 
-_PROBS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 def _is_compiling() -> bool:
     return bool(torch.compiler.is_compiling())
-
-
-def _describe(tensor: Tensor) -> str:
-    return f"shape {tuple(tensor.shape)}, dtype {tensor.dtype}, device {tensor.device}"
 
 
 class _Kernel(NamedTuple):
@@ -137,15 +138,6 @@ def validate_kernels(kernels: Sequence[KernelDescriptor]) -> tuple[_Kernel, ...]
     return tuple(result)
 
 
-def validate_radius(radius: Any) -> int:
-    """Check the window radius: an integer >= 1."""
-    if isinstance(radius, bool) or not isinstance(radius, numbers.Integral):
-        raise TypeError(f"radius must be an int >= 1; got {radius!r} ({type(radius).__name__})")
-    if radius < 1:
-        raise ValueError(f"radius must be an int >= 1; got {radius!r}")
-    return int(radius)
-
-
 def validate_spacing(spacing: Sequence[float] | None) -> tuple[float, ...] | None:
     """Check the per-axis voxel spacing (positive finite numbers) or None."""
     if spacing is None:
@@ -155,8 +147,15 @@ def validate_spacing(spacing: Sequence[float] | None) -> tuple[float, ...] | Non
     return tuple(_check_positive_number(s, f"spacing[{a}]") for a, s in enumerate(spacing))
 
 
-def validate_compatibility(compatibility: Tensor | None) -> Tensor | None:
-    """Check μ: a square, non-negative, zero-diagonal floating matrix (values skipped when compiling)."""
+def check_compatibility(
+    compatibility: Any, *, allow_grad: bool = False, zero_diagonal: bool = True
+) -> Tensor | None:
+    """Check μ: None, or a square, finite, non-negative floating matrix.
+
+    The loss's μ (the defaults) must also have a zero diagonal and must not require grad; the CRF's
+    (``allow_grad=True, zero_diagonal=False``) may be learnt and penalise agreeing neighbours. Value
+    checks are skipped under ``torch.compile``.
+    """
     if compatibility is None:
         return None
     if not isinstance(compatibility, Tensor):
@@ -164,20 +163,21 @@ def validate_compatibility(compatibility: Tensor | None) -> Tensor | None:
             f"compatibility must be a C×C torch.Tensor or None; got {type(compatibility).__name__}"
         )
     if compatibility.dim() != 2 or compatibility.shape[0] != compatibility.shape[1]:
-        raise ValueError(f"compatibility must be a C×C matrix; got {_describe(compatibility)}")
+        raise ValueError(f"compatibility must be a C×C matrix; got {describe(compatibility)}")
     if not compatibility.is_floating_point():
-        raise TypeError(f"compatibility must be a floating tensor; got {_describe(compatibility)}")
-    if compatibility.requires_grad:
+        raise TypeError(f"compatibility must be a floating tensor; got {describe(compatibility)}")
+    if compatibility.requires_grad and not allow_grad:
         raise ValueError("compatibility must not require grad; pass compatibility.detach()")
     if not _is_compiling():
-        if not bool(torch.isfinite(compatibility).all()):
-            raise ValueError(f"compatibility has non-finite values: {compatibility.tolist()}")
-        if bool((compatibility < 0).any()):
-            raise ValueError(f"compatibility must be >= 0; got {compatibility.tolist()}")
-        if bool((compatibility.diagonal() != 0).any()):
+        values = compatibility.detach()
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(f"compatibility has non-finite values: {values.tolist()}")
+        if bool((values < 0).any()):
+            raise ValueError(f"compatibility must be >= 0; got {values.tolist()}")
+        if zero_diagonal and bool((values.diagonal() != 0).any()):
             raise ValueError(
                 f"compatibility must have a zero diagonal; got diagonal "
-                f"{compatibility.diagonal().tolist()}"
+                f"{values.diagonal().tolist()}"
             )
     return compatibility
 
@@ -200,10 +200,12 @@ def validate_downsamplers(
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The validated configuration of the loss: everything but the data (one value, built once).
+    """The validated configuration of the window and the loss: everything but the data.
 
-    Build it with :meth:`build`, which validates each part; :class:`gcrf.loss.GatedCRFLoss` keeps
-    one, the functional API and the drop-in class build one per call.
+    Build it with :meth:`build`, which validates each part and documents each argument (the one
+    statement of them: :class:`~gcrf.loss.GatedCRFLoss`, :func:`~gcrf.loss.gated_crf_loss`,
+    :func:`~gcrf.loss.gaussian_affinity`, the drop-in class and :mod:`gcrf.crf` take the same
+    arguments and build one).
     """
 
     kernels: tuple[_Kernel, ...]
@@ -221,11 +223,29 @@ class LossConfig:
         downsamplers: Mapping[str, Downsampler] | None = None,
         spacing: Sequence[float] | None = None,
     ) -> LossConfig:
-        """Validate the user's configuration (``ValueError``/``TypeError`` naming the argument)."""
+        """Validate the user's configuration (``ValueError``/``TypeError`` naming the argument).
+
+        Args:
+            kernels: descriptors ``[{"weight": w_k, "xy": σ_xy, "rgb": σ_rgb, ...}, ...]``
+                (docs/math.md#kernel): a weight ``w_k ≥ 0`` and one σ > 0 per modality; ``"xy"``
+                (``"xyz"`` for volumes) is the pixel position, every other key names a tensor of
+                the ``features`` passed with the data.
+            radius: window radius r ≥ 1 (docs/math.md#window).
+            compatibility: class compatibility μ (C×C, ≥ 0, zero diagonal; docs/math.md#compatibility)
+                or None for Potts. The loss normalises it; it must not require grad.
+            downsamplers: modality name → ``f(tensor, size)`` replacing the area resize for that
+                modality (``"mask"`` for both masks), e.g. ``F.adaptive_max_pool2d``.
+            spacing: physical size of one input voxel per axis, in tensor axis order
+                (docs/math.md#volumes); None keeps positions in prediction pixels.
+
+        Example:
+            >>> LossConfig.build([{"weight": 1, "xy": 6, "rgb": 0.1}], radius=5).radius
+            5
+        """
         return cls(
             kernels=validate_kernels(kernels),
-            radius=validate_radius(radius),
-            compatibility=validate_compatibility(compatibility),
+            radius=check_radius(radius),
+            compatibility=check_compatibility(compatibility),
             downsamplers=validate_downsamplers(downsamplers),
             spacing=validate_spacing(spacing),
         )
@@ -244,20 +264,21 @@ class PreparedInputs:
         return self.pairwise.window
 
 
-def _check_probs(probs: Any) -> None:
-    if not isinstance(probs, Tensor):
-        raise TypeError(f"probs must be a torch.Tensor; got {type(probs).__name__}")
-    if probs.dtype not in _PROBS_DTYPES:
+def _check_prediction(tensor: Any, what: str) -> None:
+    """The N×C×*S prediction (``what``: "probs" for the loss, "logits" for the CRF)."""
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor; got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
         raise TypeError(
-            f"probs must be float16, bfloat16, float32 or float64 probabilities; got {_describe(probs)}"
+            f"{what} must be a float16, bfloat16, float32 or float64 tensor; got {describe(tensor)}"
         )
-    if probs.dim() not in (4, 5):
+    if tensor.dim() not in (4, 5):
         raise ValueError(
-            "probs must be N×C×h×w (images) or N×C×d×h×w (volumes); "
-            f"got {probs.dim()} dimensions ({_describe(probs)})"
+            f"{what} must be N×C×h×w (images) or N×C×d×h×w (volumes); "
+            f"got {tensor.dim()} dimensions ({describe(tensor)})"
         )
-    if min(probs.shape) < 1:
-        raise ValueError(f"probs must not be empty; got {_describe(probs)}")
+    if min(tensor.shape) < 1:
+        raise ValueError(f"{what} must not be empty; got {describe(tensor)}")
 
 
 def _input_ratio(name: str, shape: tuple[int, ...], pred: tuple[int, ...]) -> tuple[int, ...]:
@@ -279,33 +300,38 @@ def _input_ratio(name: str, shape: tuple[int, ...], pred: tuple[int, ...]) -> tu
 
 
 def _check_map(
-    name: str, tensor: Any, probs: Tensor, channels: int | None, allow_bool: bool = False
+    name: str,
+    tensor: Any,
+    probs: Tensor,
+    channels: int | None,
+    allow_bool: bool = False,
+    what: str = "probs",
 ) -> tuple[int, ...]:
-    """Shared checks of a feature map or mask; returns its input/prediction ratio."""
+    """Shared checks of a feature map or mask against the prediction ``probs`` (called ``what``
+    in messages); returns its input/prediction ratio."""
     if not isinstance(tensor, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
     if not (tensor.is_floating_point() or (allow_bool and tensor.dtype == torch.bool)):
-        raise TypeError(f"{name} must be a floating tensor; got {_describe(tensor)}")
+        raise TypeError(f"{name} must be a floating tensor; got {describe(tensor)}")
     if tensor.dim() != probs.dim():
         raise ValueError(
-            f"{name} must have {probs.dim()} dimensions like probs ({_describe(probs)}); "
-            f"got {_describe(tensor)}"
+            f"{name} must have {probs.dim()} dimensions like {what} ({describe(probs)}); "
+            f"got {describe(tensor)}"
         )
     if tensor.shape[0] != probs.shape[0]:
         raise ValueError(
-            f"{name} batch size {tensor.shape[0]} differs from probs' {probs.shape[0]}; "
-            f"got {_describe(tensor)}, probs {_describe(probs)}"
+            f"{name} batch size {tensor.shape[0]} differs from {what}' {probs.shape[0]}; "
+            f"got {describe(tensor)}, {what} {describe(probs)}"
         )
     if channels is not None and tensor.shape[1] != channels:
-        raise ValueError(f"{name} must have {channels} channel(s); got {_describe(tensor)}")
+        raise ValueError(f"{name} must have {channels} channel(s); got {describe(tensor)}")
     if tensor.device != probs.device:
         raise ValueError(
-            f"{name} is on {tensor.device} but probs are on {probs.device}; move them to one device"
+            f"{name} is on {tensor.device} but {what} are on {probs.device}; move them to one device"
         )
     if tensor.requires_grad:
         raise ValueError(
-            f"{name} requires grad, but the loss is not differentiated w.r.t. it; "
-            f"pass {name}.detach()"
+            f"{name} requires grad, but gcrf is not differentiated w.r.t. it; pass {name}.detach()"
         )
     return _input_ratio(name, tuple(tensor.shape[2:]), tuple(probs.shape[2:]))
 
@@ -330,7 +356,7 @@ def _resize(
     out = downsampler(tensor, size)
     expected = (*tensor.shape[:2], *size)
     if not isinstance(out, Tensor) or tuple(out.shape) != expected:
-        got = _describe(out) if isinstance(out, Tensor) else type(out).__name__
+        got = describe(out) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"downsamplers[{name!r}] must return shape {expected}; got {got}")
     return out.to(tensor.dtype)
 
@@ -340,11 +366,12 @@ def _prepare_mask(
     mask: Tensor | None,
     probs: Tensor,
     downsampler: Downsampler | None,
+    what: str = "probs",
 ) -> Tensor | None:
     """Resize like a modality, NaN → 0, every value < 1 → 0, the rest → 1; float32."""
     if mask is None:
         return None
-    _check_map(name, mask, probs, channels=1, allow_bool=True)
+    _check_map(name, mask, probs, channels=1, allow_bool=True, what=what)
     size = tuple(probs.shape[2:])
     # Binarise in at least float32 (float64 masks stay float64: 0.99999999 must not round to 1).
     resized = mask.to(torch.float64 if mask.dtype == torch.float64 else torch.float32)
@@ -363,7 +390,7 @@ def _check_features(features: Any) -> None:
 
 
 def _used_modalities(
-    probs: Tensor, features: Mapping[str, Tensor], config: LossConfig
+    probs: Tensor, features: Mapping[str, Tensor], config: LossConfig, what: str = "probs"
 ) -> list[str]:
     """Names of the modalities the kernels use, in order; each must be in ``features``."""
     spatial_rank = probs.dim() - 2
@@ -372,7 +399,7 @@ def _used_modalities(
     for index, kernel in enumerate(config.kernels):
         if kernel.position_key is not None and kernel.position_key != position_key:
             raise ValueError(
-                f"kernels[{index}] uses the position term {kernel.position_key!r}, but probs have "
+                f"kernels[{index}] uses the position term {kernel.position_key!r}, but {what} have "
                 f"spatial rank {spatial_rank}: use {position_key!r}"
             )
         for name, _ in kernel.modalities:
@@ -391,13 +418,14 @@ def _input_ratio_of(
     features: Mapping[str, Tensor],
     used: Sequence[str],
     masks: Sequence[tuple[str, Tensor | None]],
+    what: str = "probs",
 ) -> tuple[int, ...]:
     """Input/prediction size ratio per axis, from the used modalities (one size for all), else a
     mask, else 1 (then ``spacing`` is the size of a prediction voxel)."""
     input_shape: tuple[int, ...] | None = None
     ratio: tuple[int, ...] = (1,) * (probs.dim() - 2)
     for name in used:
-        ratio = _check_map(f"features[{name!r}]", features[name], probs, channels=None)
+        ratio = _check_map(f"features[{name!r}]", features[name], probs, None, what=what)
         shape = tuple(features[name].shape[2:])
         if input_shape is not None and shape != input_shape:
             raise ValueError(
@@ -408,7 +436,7 @@ def _input_ratio_of(
     if input_shape is None:
         for name, mask in masks:
             if isinstance(mask, Tensor) and mask.dim() == probs.dim():
-                return _check_map(name, mask, probs, channels=1, allow_bool=True)
+                return _check_map(name, mask, probs, channels=1, allow_bool=True, what=what)
     return ratio
 
 
@@ -472,16 +500,17 @@ def prepare_gates(
     mask_src: Tensor | None,
     mask_dst: Tensor | None,
     downsampler: Downsampler | None,
+    what: str = "probs",
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Both masks resized to the prediction size and binarised (DESIGN §1.4), float32 0/1."""
+    """Both masks resized to the prediction size and binarised (docs/math.md#gates), 0/1 float32."""
     return (
-        _prepare_mask("mask_src", mask_src, probs, downsampler),
-        _prepare_mask("mask_dst", mask_dst, probs, downsampler),
+        _prepare_mask("mask_src", mask_src, probs, downsampler, what),
+        _prepare_mask("mask_dst", mask_dst, probs, downsampler, what),
     )
 
 
 def denominator(probs: Tensor, mask_src: Tensor | None, mask_dst: Tensor | None) -> Tensor:
-    """D (DESIGN §1.5) of prepared gates: mask_dst wins over mask_src, which wins over N·|S|."""
+    """D of prepared gates (docs/math.md#denominator)."""
     acc = accumulation_dtype(probs.dtype)
     if mask_dst is not None:
         return mask_dst.sum(dtype=acc).clamp(min=1.0)
@@ -499,13 +528,53 @@ def normalise_compatibility(compatibility: Tensor | None, probs: Tensor) -> Tens
     if tuple(compatibility.shape) != (num_classes, num_classes):
         raise ValueError(
             f"compatibility must be C×C = {num_classes}×{num_classes} for probs of "
-            f"{_describe(probs)}; got {_describe(compatibility)}"
+            f"{describe(probs)}; got {describe(compatibility)}"
         )
     mu = compatibility.detach().to(device=probs.device, dtype=accumulation_dtype(probs.dtype))
     row_sum = mu.sum(dim=1, keepdim=True)
     # An all-zero row (a class compatible with every other) stays zero.
     mu_hat = torch.where(row_sum > 0, (num_classes - 1) * mu / row_sum.clamp(min=1e-30), 0.0)
     return mu_hat.contiguous()
+
+
+def prepare_window(
+    prediction: Tensor,
+    features: Mapping[str, Tensor],
+    config: LossConfig,
+    mask_src: Tensor | None = None,
+    mask_dst: Tensor | None = None,
+    what: str = "probs",
+) -> GatedWindow:
+    """Validate the data tensors and build the gated window at the prediction's size.
+
+    Features (:func:`prepare_features`) and gates (:func:`prepare_gates`) are resized to the
+    spatial size of ``prediction`` (N×C×*S: the loss's probabilities, the CRF's logits; only its
+    shape, device and dtype are read), in its accumulation dtype. ``what`` names it in errors.
+    """
+    _check_prediction(prediction, what)
+    _check_features(features)
+    spatial_rank = prediction.dim() - 2
+    if config.spacing is not None and len(config.spacing) != spatial_rank:
+        raise ValueError(
+            f"spacing must have one value per spatial axis ({spatial_rank} for {what} of "
+            f"{describe(prediction)}); got {config.spacing!r}"
+        )
+    used = _used_modalities(prediction, features, config, what)
+    masks = (("mask_src", mask_src), ("mask_dst", mask_dst))
+    ratio = _input_ratio_of(prediction, features, used, masks, what)
+    prepared_features, slices = prepare_features(prediction, features, config, used)
+    gate_src, gate_dst = prepare_gates(
+        prediction, mask_src, mask_dst, config.downsamplers.get("mask"), what
+    )
+    return GatedWindow(
+        features=prepared_features,
+        kernel_slices=slices,
+        kernel_weights=tuple(k.weight for k in config.kernels),
+        kernel_pos_scales=_position_scales(config, ratio),
+        radius=config.radius,
+        mask_src=gate_src,
+        mask_dst=gate_dst,
+    )
 
 
 def prepare_inputs(
@@ -515,42 +584,18 @@ def prepare_inputs(
     mask_src: Tensor | None = None,
     mask_dst: Tensor | None = None,
 ) -> PreparedInputs:
-    """Validate the data tensors and build the backend inputs and D (configuration validated).
-
-    The four parts, each its own function: features (:func:`prepare_features`), gates
-    (:func:`prepare_gates`), denominator (:func:`denominator`), compatibility
-    (:func:`normalise_compatibility`).
-    """
-    _check_probs(probs)
-    _check_features(features)
-    spatial_rank = probs.dim() - 2
-    if config.spacing is not None and len(config.spacing) != spatial_rank:
-        raise ValueError(
-            f"spacing must have one value per spatial axis ({spatial_rank} for probs of "
-            f"{_describe(probs)}); got {config.spacing!r}"
-        )
-    used = _used_modalities(probs, features, config)
-    ratio = _input_ratio_of(probs, features, used, (("mask_src", mask_src), ("mask_dst", mask_dst)))
-    prepared_features, slices = prepare_features(probs, features, config, used)
-    gate_src, gate_dst = prepare_gates(probs, mask_src, mask_dst, config.downsamplers.get("mask"))
-    window = GatedWindow(
-        features=prepared_features,
-        kernel_slices=slices,
-        kernel_weights=tuple(k.weight for k in config.kernels),
-        kernel_pos_scales=_position_scales(config, ratio),
-        radius=config.radius,
-        mask_src=gate_src,
-        mask_dst=gate_dst,
-    )
+    """The loss's backend inputs and D: :func:`prepare_window`, :func:`denominator` and
+    :func:`normalise_compatibility` (the configuration is already validated)."""
+    window = prepare_window(probs, features, config, mask_src, mask_dst)
     pairwise = PairwiseInputs(probs, window, normalise_compatibility(config.compatibility, probs))
-    return PreparedInputs(pairwise, denominator(probs, gate_src, gate_dst))
+    return PreparedInputs(pairwise, denominator(probs, window.mask_src, window.mask_dst))
 
 
 def loss_from_prepared(prepared: PreparedInputs, backend: str) -> Tensor:
     """S / D with the backend resolved from ``backend`` ("auto", "triton" or "torch")."""
     probs = prepared.pairwise.probs
-    pairwise_sum, _ = get_backend(choose_backend(backend, probs, probs.dim() - 2))
-    total = pairwise_sum(prepared.pairwise)
+    core = get_backend(choose_backend(backend, probs, probs.dim() - 2))
+    total = core.pairwise_sum(prepared.pairwise)
     return total / prepared.denominator.to(total.dtype)
 
 
@@ -566,13 +611,8 @@ def gated_crf_loss(
     spacing: Sequence[float] | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """Gated CRF loss (Obukhov et al., arXiv:1906.04651), exact, with memory O(N·C·|S|).
-
-    ``L = (1/D) Σ_n Σ_i Σ_{j ∈ W(i)} G_ij K_ij φ(y_i, y_j)`` with ``φ = 1 − ⟨y_i, y_j⟩`` (Potts) or
-    ``y_iᵀ μ̂ y_j``, ``μ̂ = (C−1)·μ/rowsum(μ)``; ``W(i)`` the (2r+1)^k window around ``i`` without
-    ``i`` and without out-of-image pixels; ``G_ij = m_dst(i)·m_src(j)``;
-    ``K_ij = Σ_k w_k exp(−½‖F_k(i) − F_k(j)‖²)``. ``D = N·|S|``, or ``max(1, Σ m_src)`` with
-    ``mask_src``, or ``max(1, Σ m_dst)`` with ``mask_dst`` (which wins). See DESIGN §1.
+    """Gated CRF loss (Obukhov et al., arXiv:1906.04651): ``S / D`` of docs/math.md#loss, exact,
+    with memory O(N·C·|S|).
 
     Args:
         probs: class probabilities (softmax output) at the prediction resolution; the only input
@@ -580,17 +620,11 @@ def gated_crf_loss(
         features: modality name → feature map at the image resolution, e.g. ``{"rgb": images}``.
             Each is resized to the prediction resolution (area by default). Must not require grad.
             Keys not used by any kernel are ignored. ``"xy"``/``"xyz"`` is built internally.
-        kernels: descriptors ``[{"weight": 1.0, "xy": 6.0, "rgb": 0.1}, ...]``: weight ``w_k ≥ 0``
-            and one σ > 0 per modality; the kernel's feature vector is each modality divided by σ.
-        radius: window radius r ≥ 1 (window (2r+1)^k).
-        mask_src: gate of the neighbour j, N×1×H×W (float or bool): resized, NaN → 0, < 1 → 0.
+        kernels, radius, compatibility, downsamplers, spacing: the configuration, documented once
+            at :meth:`LossConfig.build`.
+        mask_src: gate of the neighbour j, N×1×H×W (float or bool): resized, NaN → 0, < 1 → 0
+            (docs/math.md#gates).
         mask_dst: gate of the centre i, like ``mask_src``.
-        compatibility: μ (C×C, non-negative, zero diagonal) or None for Potts. Moved to probs'
-            device.
-        downsamplers: modality name → ``f(tensor, size)`` replacing area resizing for that modality
-            (``"mask"`` for both masks).
-        spacing: physical size of one input voxel per axis (tensor axis order); positions are then
-            in physical units. Without it they are in prediction pixels (the published convention).
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`gcrf.loss.choose_backend`).
 
     Shape:

@@ -23,19 +23,13 @@ __all__ = ["GatedCRFLoss"]
 class GatedCRFLoss(nn.Module):
     """Gated CRF loss (Obukhov et al., arXiv:1906.04651), exact and memory-lean.
 
-    The configuration is validated once here; ``forward`` takes the data. The definition, the
-    masks and the denominator are those of :func:`gcrf.loss.gated_crf_loss` (DESIGN §1).
+    The configuration is validated once here; ``forward`` takes the data and computes what
+    :func:`gcrf.loss.gated_crf_loss` computes (docs/math.md#loss).
 
     Args:
-        kernels: descriptors ``[{"weight": 1.0, "xy": 6.0, "rgb": 0.1}, ...]``; ``"xy"`` (``"xyz"``
-            for volumes) is the pixel position, every other key names a tensor of ``features``.
-        radius: window radius r ≥ 1.
-        compatibility: class compatibility μ (C×C, ≥ 0, zero diagonal), or None for Potts. Kept
-            as a buffer (moves with ``.to(device)``).
-        downsamplers: modality name → ``f(tensor, size)`` replacing area resizing (``"mask"`` for
-            the masks).
-        spacing: physical size of one input voxel per axis, tensor axis order; None: positions in
-            prediction pixels.
+        kernels, radius, compatibility, downsamplers, spacing: the configuration, documented once
+            at :meth:`~gcrf.loss.functional.LossConfig.build`. μ is kept as a buffer (it moves
+            with ``.to(device)``).
         backend: ``"auto"`` (Triton on CUDA when available, else PyTorch), ``"triton"``, ``"torch"``.
 
     Shape:

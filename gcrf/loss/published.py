@@ -5,7 +5,7 @@ Code written for the published loss switches by changing one import::
     from gcrf.loss import ModelLossSemsegGatedCRF
 
 The ``forward`` signature and the ``{'loss', 'kernels_vis'}`` result are the published ones; the
-computation is :func:`gcrf.loss.gated_crf_loss`. Deliberate differences (README, DESIGN §1):
+computation is :func:`gcrf.loss.gated_crf_loss`. Deliberate differences (docs/math.md#published-differences):
 out-of-image neighbours are absent (the published value without ``mask_src`` is larger by a
 y-independent constant; gradients are equal), the compatibility branch works, memory does not grow
 with the window, invalid input raises ``ValueError``/``TypeError`` instead of ``assert``, and the
@@ -28,10 +28,6 @@ from gcrf.loss.functional import (
     LossConfig,
     loss_from_prepared,
     prepare_inputs,
-    validate_compatibility,
-    validate_downsamplers,
-    validate_kernels,
-    validate_radius,
 )
 
 __all__ = ["ModelLossSemsegGatedCRF"]
@@ -101,7 +97,9 @@ class ModelLossSemsegGatedCRF(nn.Module):
         for name, value in (("height_input", height_input), ("width_input", width_input)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise TypeError(f"{name} must be a positive int; got {value!r}")
-        kernels = validate_kernels(kernels_desc)
+        config = LossConfig.build(
+            kernels_desc, kernels_radius, compatibility, custom_modality_downsamplers
+        )
         if isinstance(y_hat_softmax, Tensor):
             height_pred, width_pred = y_hat_softmax.shape[2:]
             if (
@@ -116,18 +114,12 @@ class ModelLossSemsegGatedCRF(nn.Module):
                 )
         if isinstance(sample, Tensor):
             # The medical copies of this class read the tensor for every non-position modality.
-            sample = {name: sample for kernel in kernels for name, _ in kernel.modalities}
+            sample = {name: sample for kernel in config.kernels for name, _ in kernel.modalities}
         elif not isinstance(sample, Mapping):
             raise TypeError(
                 f"sample must be a dict of modalities or an N×D×H×W tensor; got "
                 f"{type(sample).__name__}"
             )
-        config = LossConfig(
-            kernels=kernels,
-            radius=validate_radius(kernels_radius),
-            compatibility=validate_compatibility(compatibility),
-            downsamplers=validate_downsamplers(custom_modality_downsamplers),
-        )
         prepared = prepare_inputs(y_hat_softmax, sample, config, mask_src, mask_dst)
         out: dict[str, Tensor | None] = {
             "loss": loss_from_prepared(prepared, self.backend),

@@ -1,40 +1,27 @@
-"""PyTorch backend of the Gated CRF pairwise core (docs/CONTRACTS.md §1), for CPU and any device.
+"""PyTorch backend of the Gated CRF core (docs/CONTRACTS.md §1), for CPU and any device.
 
-The whole loss reduces to one windowed, gated Gaussian filter (DESIGN §2). For the neighbourhood
-``W(i)`` (the (2r+1)^k window around ``i``, ``j ≠ i``, ``j`` inside the image), the gate
-``G_ij = m_dst(i) · m_src(j)`` and the kernel
-
-    K_ij = Σ_k w_k · exp(−½ (‖f_k(i) − f_k(j)‖² + Σ_a (δ_a · s_k[a])²)),   δ = j − i,
-
-the core returns ``S = Σ_n Σ_i Σ_{j∈W(i)} G_ij K_ij φ(y_i, y_j)`` with ``φ = 1 − ⟨y_i, y_j⟩``
-(Potts) or ``φ = y_iᵀ μ̂ y_j``.
+The core is one windowed, gated Gaussian filter, the message of docs/math.md#message. This module
+gives the pairwise sum ``S`` of the loss (docs/math.md#loss) with its gradient, the window affinity
+``G_ij K_ij`` and the message ``M`` of a field.
 
 Algorithm. The loop runs over window *offsets* δ, not pixels: for one δ, every pair (i, j = i + δ)
 lives in two shifted slices of the same tensors (``i`` in slice ``a``, ``j`` in slice ``b``; no
-padding, so out-of-image neighbours never appear). K is symmetric (``K_ij = K_ji``) and
+padding, so out-of-image neighbours never appear). The affinity is symmetric (``K_ij = K_ji``) and
 ``j ∈ W(i) ⇔ i ∈ W(j)``, so only the half of the offsets after the centre (row-major) is visited and
 each unordered pair {i, j} is handled once, with both gates ``G_ij`` and ``G_ji``. The position term
 depends on δ only, so it is a scalar per kernel per offset folded into the kernel's weight.
 
-Gradient. The derivative of S w.r.t. y is the same filter with both gate directions:
+Gradient of ``S``. As docs/math.md#message derives, ``∂S/∂y`` is the same filter with both gate
+directions and ``S`` follows from that message, so the gradient is produced during the forward sweep
+(one probs-sized buffer, saved) and the backward only scales it by the upstream gradient, as
+Liger-Kernel's fused cross-entropy does. When no gradient is needed the sweep updates only the ``i``
+side of each pair (half the work). The affinity is never stored: memory is O(N·C·|S|), independent
+of the radius. The message op's backward is the message of the upstream gradient with the gate
+transposed (masks swapped), computed by the same sweep.
 
-    Potts: ∂S/∂y_i = −Σ_j (G_ij + G_ji) K_ij y_j
-    μ̂:     ∂S/∂y_i =  Σ_j K_ij (G_ij μ̂ y_j + G_ji μ̂ᵀ y_j)
-
-and S itself follows from the same accumulator ``M`` (one buffer the size of ``probs``):
-
-    Potts: M_i = Σ_j (G_ij + G_ji) K_ij y_j,  S = Σ_ij G_ij K_ij − ½ Σ_i ⟨y_i, M_i⟩,  ∂S/∂y = −M
-    μ̂:     M_i = ∂S/∂y_i,                     S = ½ Σ_i ⟨y_i, M_i⟩  (S is a quadratic form in y)
-
-So, as Liger-Kernel's fused cross-entropy does, the gradient is produced during the forward sweep,
-from the K computed there, and saved (one probs-sized buffer); the backward only scales it by the
-upstream gradient. K itself is never stored: memory is O(N·C·|S|), independent of the radius. When
-no gradient is needed the sweep updates only the ``a`` side of each pair (half the work) and
-``S = Σ G K − ⟨y, M_a⟩`` (Potts) or ``⟨y, M_a⟩`` (μ̂).
-
-Accumulation is in float32 (float64 for float64 probabilities). Every reduction is a plain torch
-reduction in a fixed order, so results are bitwise reproducible run to run on the same machine.
-The offset loop is plain Python over a fixed list: ``torch.compile`` unrolls it without graph breaks.
+Accumulation is in float32 (float64 for float64 inputs). Every reduction is a plain torch reduction
+in a fixed order, so results are bitwise reproducible run to run on the same machine. The offset loop
+is plain Python over a fixed list: ``torch.compile`` unrolls it without graph breaks.
 """
 
 from __future__ import annotations
@@ -46,13 +33,20 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from gcrf.kernels.window import GatedWindow, PairwiseInputs, accumulation_dtype
+from gcrf.kernels.window import (
+    GatedWindow,
+    PairwiseInputs,
+    accumulation_dtype,
+    check_field,
+    check_type,
+)
 
 __all__ = [
     "GatedWindow",
     "PairwiseInputs",
     "gated_crf_pairwise_sum",
     "window_affinity",
+    "window_message",
     "window_offsets",
 ]
 
@@ -106,7 +100,7 @@ def _offset_coefficients(
     return coefficients
 
 
-def _offset_kernel(
+def _offset_affinity(
     features: Tensor,
     side_i: tuple[slice, ...],
     side_j: tuple[slice, ...],
@@ -119,7 +113,7 @@ def _offset_kernel(
     depends on the offset only).
     """
     constant = 0.0
-    kernel: Tensor | None = None
+    affinity: Tensor | None = None
     squared: Tensor | None = None
     for (start, stop), coefficient in zip(kernel_slices, coefficients, strict=True):
         if coefficient == 0.0:
@@ -133,22 +127,54 @@ def _offset_kernel(
         term = squared[:, start:stop].sum(dim=1, keepdim=True).mul_(-0.5).exp_()
         if coefficient != 1.0:
             term = term.mul_(coefficient)
-        kernel = term if kernel is None else kernel.add_(term)
-    if kernel is None:
+        affinity = term if affinity is None else affinity.add_(term)
+    if affinity is None:
         return constant
     if constant != 0.0:
-        kernel = kernel.add_(constant)
-    return kernel
+        affinity = affinity.add_(constant)
+    return affinity
 
 
 def _as_region_tensor(
-    kernel: Tensor | float, reference: Tensor, side: tuple[slice, ...], dtype: torch.dtype
+    affinity: Tensor | float, reference: Tensor, side: tuple[slice, ...], dtype: torch.dtype
 ) -> Tensor:
-    """Turn a constant kernel into an N×1×region tensor (rare: kernels without feature channels)."""
-    if isinstance(kernel, Tensor):
-        return kernel
+    """Turn a constant affinity into an N×1×region tensor (rare: kernels without feature channels)."""
+    if isinstance(affinity, Tensor):
+        return affinity
     shape = (reference.shape[0], 1, *reference[side].shape[2:])
-    return torch.full(shape, kernel, dtype=dtype, device=reference.device)
+    return torch.full(shape, affinity, dtype=dtype, device=reference.device)
+
+
+def _pair_affinities(
+    features: Tensor,
+    kernel_slices: Sequence[tuple[int, int]],
+    kernel_weights: Sequence[float],
+    kernel_pos_scales: Sequence[Sequence[float]],
+    radius: int,
+) -> list[tuple[int, tuple[slice, ...], tuple[slice, ...], Tensor]]:
+    """The half window, pair by pair: for every offset after the centre (row-major) that has pairs
+    inside the image, its index in :func:`window_offsets`, the two sides and ``K_ij`` of its pairs
+    (N×1×region, in the features' dtype). Offsets whose coefficients are all zero are skipped.
+
+    Each backend function below is one loop over this list (a list, not a generator, so that
+    ``torch.compile`` unrolls it).
+    """
+    spatial_shape = tuple(features.shape[2:])
+    offsets = window_offsets(int(radius), len(spatial_shape))
+    pairs = []
+    for index in range(len(offsets) // 2 + 1, len(offsets)):
+        offset = offsets[index]
+        sides = _pair_slices(offset, spatial_shape)
+        if sides is None:
+            continue
+        coefficients = _offset_coefficients(offset, kernel_weights, kernel_pos_scales)
+        if not any(coefficients):
+            continue
+        side_i, side_j = sides
+        affinity = _offset_affinity(features, side_i, side_j, kernel_slices, coefficients)
+        region = _as_region_tensor(affinity, features, side_i, features.dtype)
+        pairs.append((index, side_i, side_j, region))
+    return pairs
 
 
 def _sweep(
@@ -163,14 +189,12 @@ def _sweep(
     compatibility: Tensor | None,
     both_sides: bool,
 ) -> tuple[Tensor, Tensor]:
-    """One sweep over the half window. Returns (S, ∂S/∂y) or (S, M_a) when ``both_sides`` is False.
+    """One sweep over the half window. Returns (S, ∂S/∂y) or (S, M_i) when ``both_sides`` is False.
 
-    ``probs`` is already in the accumulation dtype; see the module docstring for the algebra.
+    ``probs`` and ``features`` are already in the accumulation dtype; the algebra is that of
+    docs/math.md#message.
     """
     acc = probs.dtype
-    spatial_shape = tuple(probs.shape[2:])
-    offsets = window_offsets(radius, len(spatial_shape))
-    half = offsets[len(offsets) // 2 + 1 :]
     gated = mask_src is not None or mask_dst is not None
     m_src = None if mask_src is None else mask_src.to(acc)
     m_dst = None if mask_dst is None else mask_dst.to(acc)
@@ -192,47 +216,35 @@ def _sweep(
 
     message = torch.zeros_like(probs)
     gate_sums: list[Tensor] = []
-    for offset in half:
-        sides = _pair_slices(offset, spatial_shape)
-        if sides is None:
-            continue
-        side_i, side_j = sides
-        coefficients = _offset_coefficients(offset, kernel_weights, kernel_pos_scales)
-        if not any(coefficients):
-            continue
-        kernel = _as_region_tensor(
-            _offset_kernel(features, side_i, side_j, kernel_slices, coefficients),
-            probs,
-            side_i,
-            acc,
-        )
+    pairs = _pair_affinities(features, kernel_slices, kernel_weights, kernel_pos_scales, radius)
+    for _, side_i, side_j, affinity in pairs:
         if compatibility is None:
             # Potts: w = (G_ij + G_ji) K_ij, the weight of the unordered pair.
             if m_src is None and m_dst is None:
-                weight = kernel * 2.0
+                weight = affinity * 2.0
             elif m_dst is None:
-                weight = torch.add(m_src[side_i], m_src[side_j]).mul_(kernel)
+                weight = torch.add(m_src[side_i], m_src[side_j]).mul_(affinity)
             elif m_src is None:
-                weight = torch.add(m_dst[side_i], m_dst[side_j]).mul_(kernel)
+                weight = torch.add(m_dst[side_i], m_dst[side_j]).mul_(affinity)
             else:
                 gate = torch.mul(m_dst[side_i], m_src[side_j])
-                weight = gate.addcmul_(m_dst[side_j], m_src[side_i]).mul_(kernel)
+                weight = gate.addcmul_(m_dst[side_j], m_src[side_i]).mul_(affinity)
             gate_sums.append(weight.sum())
             message[side_i].addcmul_(probs[side_j], weight)
             if both_sides:
                 message[side_j].addcmul_(probs[side_i], weight)
         elif not gated:
-            message[side_i].addcmul_(fields[0][side_j], kernel)
+            message[side_i].addcmul_(fields[0][side_j], affinity)
             if both_sides:
-                message[side_j].addcmul_(fields[0][side_i], kernel)
+                message[side_j].addcmul_(fields[0][side_i], affinity)
         else:
             z_src, u_dst = fields
-            k_dst_i = kernel if m_dst is None else kernel * m_dst[side_i]
-            k_src_i = kernel if m_src is None else kernel * m_src[side_i]
+            k_dst_i = affinity if m_dst is None else affinity * m_dst[side_i]
+            k_src_i = affinity if m_src is None else affinity * m_src[side_i]
             message[side_i].addcmul_(z_src[side_j], k_dst_i).addcmul_(u_dst[side_j], k_src_i)
             if both_sides:
-                k_dst_j = kernel if m_dst is None else kernel * m_dst[side_j]
-                k_src_j = kernel if m_src is None else kernel * m_src[side_j]
+                k_dst_j = affinity if m_dst is None else affinity * m_dst[side_j]
+                k_src_j = affinity if m_src is None else affinity * m_src[side_j]
                 message[side_j].addcmul_(z_src[side_i], k_dst_j).addcmul_(u_dst[side_i], k_src_j)
 
     dot = torch.sum(probs * message)
@@ -248,7 +260,7 @@ def _sweep(
 
 
 class _PairwiseSum(torch.autograd.Function):
-    """S of docs/CONTRACTS.md §1 with its gradient computed in the same sweep (module docstring)."""
+    """S with its gradient computed in the same sweep (module docstring)."""
 
     @staticmethod
     def forward(
@@ -291,15 +303,13 @@ class _PairwiseSum(torch.autograd.Function):
 
 
 def gated_crf_pairwise_sum(inputs: PairwiseInputs) -> Tensor:
-    """Gated pairwise sum ``S`` of the Gated CRF loss (docs/CONTRACTS.md §1), PyTorch backend.
+    """The loss's pairwise sum ``S`` (docs/math.md#loss), PyTorch backend.
 
-    ``S = Σ_n Σ_i Σ_{j ∈ W(i)} G_ij K_ij φ(y_i, y_j)`` with ``φ = 1 − ⟨y_i, y_j⟩`` (Potts) or
-    ``y_iᵀ μ̂ y_j`` (module docstring). The inputs checked their own consistency when built.
-    Differentiable w.r.t. ``inputs.probs`` only.
+    Differentiable w.r.t. ``inputs.probs`` only; the gradient comes from the forward sweep.
 
     Args:
         inputs: probabilities, the gated window (features already divided by σ, kernel tables,
-            radius, 0/1 gates) and the normalised compatibility μ̂ or None.
+            radius, 0/1 gates) and the normalised compatibility μ̂ or None; checked when built.
 
     Shape:
         probs: N×C×*S with S = (h, w) or (d, h, w); features: N×F×*S; masks: N×1×*S.
@@ -312,6 +322,7 @@ def gated_crf_pairwise_sum(inputs: PairwiseInputs) -> Tensor:
         >>> window = GatedWindow(torch.randn(1, 3, 8, 8), ((0, 3),), (1.0,), ((1 / 6, 1 / 6),), 2)
         >>> s = gated_crf_pairwise_sum(PairwiseInputs(y, window))
     """
+    check_type("inputs", inputs, PairwiseInputs)
     window = inputs.window
     return _PairwiseSum.apply(
         inputs.probs,
@@ -327,13 +338,13 @@ def gated_crf_pairwise_sum(inputs: PairwiseInputs) -> Tensor:
 
 
 def window_affinity(window: GatedWindow) -> Tensor:
-    """Gated affinity ``G_ij · K_ij`` of every pixel to every window offset (CONTRACTS §1).
+    """``G_ij K_ij`` of every pixel to every window offset (docs/CONTRACTS.md §1), PyTorch backend.
 
     Args:
         window: the gated window (features already divided by σ, kernel tables, radius, gates).
 
     Shape:
-        features: N×F×*S → returns N×(2r+1)^k×*S (k = len(S)); entry ``[n, o, i]`` is for
+        features: N×F×*S → N×(2r+1)^k×*S (k = len(S)); entry ``[n, o, i]`` is for
         ``j = i + offset_o`` with offsets in row-major order (:func:`window_offsets`); 0 where ``j``
         is outside the image or ``j == i``.
 
@@ -345,35 +356,22 @@ def window_affinity(window: GatedWindow) -> Tensor:
         >>> window_affinity(window).shape
         torch.Size([1, 9, 8, 8])
     """
-    features, radius = window.features, window.radius
-    kernel_slices, kernel_weights = window.kernel_slices, window.kernel_weights
-    kernel_pos_scales = window.kernel_pos_scales
-    mask_src, mask_dst = window.mask_src, window.mask_dst
-    acc = accumulation_dtype(features.dtype)
-    features = features.to(acc)
-    spatial_shape = tuple(features.shape[2:])
-    offsets = window_offsets(int(radius), len(spatial_shape))
-    count = len(offsets)
-    out = features.new_zeros((features.shape[0], count, *spatial_shape))
-    m_src = None if mask_src is None else mask_src.to(acc)
-    m_dst = None if mask_dst is None else mask_dst.to(acc)
-    for index in range(count // 2 + 1, count):
-        offset = offsets[index]
-        sides = _pair_slices(offset, spatial_shape)
-        if sides is None:
-            continue
-        side_i, side_j = sides
-        coefficients = _offset_coefficients(offset, kernel_weights, kernel_pos_scales)
-        kernel = _as_region_tensor(
-            _offset_kernel(features, side_i, side_j, kernel_slices, coefficients),
-            features,
-            side_i,
-            acc,
-        )
+    check_type("window", window, GatedWindow)
+    acc = accumulation_dtype(window.features.dtype)
+    features = window.features.to(acc)
+    count = window.num_offsets
+    out = features.new_zeros((features.shape[0], count, *features.shape[2:]))
+    m_src = None if window.mask_src is None else window.mask_src.to(acc)
+    m_dst = None if window.mask_dst is None else window.mask_dst.to(acc)
+    pairs = _pair_affinities(
+        features, window.kernel_slices, window.kernel_weights, window.kernel_pos_scales,
+        window.radius,
+    )  # fmt: skip
+    for index, side_i, side_j, affinity in pairs:
         # [o, i] holds G_ij K_ij with j = i + δ; the mirrored offset −δ (index count−1−o) at j holds
         # G_ji K_ji = m_dst(j) m_src(i) K_ij.
-        forward_gate = kernel
-        backward_gate = kernel
+        forward_gate = affinity
+        backward_gate = affinity
         if m_dst is not None:
             forward_gate = forward_gate * m_dst[side_i]
             backward_gate = backward_gate * m_dst[side_j]
@@ -384,3 +382,100 @@ def window_affinity(window: GatedWindow) -> Tensor:
         mirror = count - 1 - index
         out[:, mirror : mirror + 1][side_j] = backward_gate
     return out
+
+
+def _message(
+    field: Tensor,
+    features: Tensor,
+    kernel_slices: Sequence[tuple[int, int]],
+    kernel_weights: Sequence[float],
+    kernel_pos_scales: Sequence[Sequence[float]],
+    radius: int,
+    mask_src: Tensor | None,
+    mask_dst: Tensor | None,
+) -> Tensor:
+    """``M_i = m_dst(i) Σ_j K_ij m_src(j) v_j`` over the half window, both directions per pair."""
+    acc = accumulation_dtype(field.dtype)
+    source = field.to(acc)
+    if mask_src is not None:
+        source = source * mask_src.to(acc)
+    message = torch.zeros_like(source)
+    pairs = _pair_affinities(
+        features.to(acc), kernel_slices, kernel_weights, kernel_pos_scales, radius
+    )
+    for _, side_i, side_j, affinity in pairs:
+        message[side_i].addcmul_(source[side_j], affinity)
+        message[side_j].addcmul_(source[side_i], affinity)
+    if mask_dst is not None:
+        message = message.mul_(mask_dst.to(acc))
+    return message
+
+
+class _WindowMessage(torch.autograd.Function):
+    """``M`` of a field; linear in the field, so the backward is the message of the upstream
+    gradient with the gate transposed (masks swapped), through this Function again (twice
+    differentiable)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        field: Tensor,
+        features: Tensor,
+        kernel_slices: tuple[tuple[int, int], ...],
+        kernel_weights: tuple[float, ...],
+        kernel_pos_scales: tuple[tuple[float, ...], ...],
+        radius: int,
+        mask_src: Tensor | None,
+        mask_dst: Tensor | None,
+    ) -> Tensor:
+        ctx.save_for_backward(features, mask_src, mask_dst)
+        ctx.tables = (kernel_slices, kernel_weights, kernel_pos_scales, radius)
+        ctx.field_dtype = field.dtype
+        return _message(
+            field, features, kernel_slices, kernel_weights, kernel_pos_scales, radius, mask_src,
+            mask_dst,
+        )  # fmt: skip
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        features, mask_src, mask_dst = ctx.saved_tensors
+        grad_field = None
+        if ctx.needs_input_grad[0]:
+            grad_field = _WindowMessage.apply(
+                grad_out, features, *ctx.tables, mask_dst, mask_src
+            ).to(ctx.field_dtype)
+        return grad_field, None, None, None, None, None, None, None
+
+
+def window_message(window: GatedWindow, field: Tensor) -> Tensor:
+    """The message ``M_i = Σ_{j∈W(i)} G_ij K_ij v_j`` of a field (docs/math.md#message), PyTorch.
+
+    Differentiable w.r.t. ``field`` (twice); the affinity is recomputed, never stored.
+
+    Args:
+        window: the gated window (features already divided by σ, kernel tables, radius, gates).
+        field: the per-pixel vector field ``v`` (fp16/bf16/fp32, accumulated in fp32; fp64 in
+            fp64).
+
+    Shape:
+        field: N×C×*S with the window's N and S → N×C×*S.
+
+    Returns:
+        ``M``, float32 (float64 for a float64 field).
+
+    Example:
+        >>> window = GatedWindow(torch.randn(1, 3, 8, 8), ((0, 3),), (1.0,), ((1 / 6, 1 / 6),), 2)
+        >>> window_message(window, torch.softmax(torch.randn(1, 4, 8, 8), 1)).shape
+        torch.Size([1, 4, 8, 8])
+    """
+    check_field(window, field)
+    return _WindowMessage.apply(
+        field,
+        window.features,
+        window.kernel_slices,
+        window.kernel_weights,
+        window.kernel_pos_scales,
+        window.radius,
+        window.mask_src,
+        window.mask_dst,
+    )
