@@ -5,7 +5,8 @@ Run from the repository root::
     python -m benchmarks.crf                                   # every case, all usable here
     python -m benchmarks.crf --cases [voc_stride4] --iterations [5] --repeats 3
     python -m benchmarks.crf --write_results true              # also update RESULTS.md's table
-    python -m benchmarks.crf --device cuda --implementations [gcrf_triton,gcrf_torch,unfold]
+    python -m benchmarks.crf --device cuda --implementations [gcrf_triton,gcrf_torch,unfold] \
+        --isolate false
 
 Cases (one image or volume, N = 1):
 
@@ -14,10 +15,12 @@ Cases (one image or volume, N = 1):
 - ``acdc``: an ACDC-size volume (10×256×216 voxels, the most common size of the WSL4MIS volumes),
   4 classes, r = 2 (a 5×5×5 window), positions in voxels.
 
-Every implementation gets the same CRF: DenseCRF's usual pair of kernels, appearance
-``{"weight": 10, "xy": 80, "rgb": 13}`` and smoothness ``{"weight": 3, "xy": 3}`` (``"xyz"`` for
-the volume; intensities in 0–255 units), Potts compatibility, 5 and 10 iterations, features at the
-logits' resolution (the image area-resized once, outside the timing), no gates. Rows:
+Every implementation gets the same CRF: pydensecrf's usual pair of terms, a Gaussian (sxy 3,
+compat 3) and a bilateral one (sxy 80, srgb 13, compat 10), σ in image pixels and 0–255 units —
+for gcrf through ``gcrf.crf.kernels_from_pydensecrf`` (positions in logit pixels: σ / stride;
+``"xyz"`` for the volume), for pydensecrf on the logits' grid with σ / stride —, Potts
+compatibility, 5 and 10 iterations, features at the logits' resolution (the image area-resized
+once, outside the timing), no gates. Rows:
 
 - ``gcrf_torch`` / ``gcrf_triton``: ``gcrf.crf.mean_field_crf(..., backend="torch" / "triton")``
   (Triton needs CUDA);
@@ -30,7 +33,8 @@ logits' resolution (the image area-resized once, outside the timing), no gates. 
 
 ``grad`` rows time forward + backward w.r.t. the logits (the trainable layer); pydensecrf has no
 gradient. Every row runs in a fresh process (``benchmarks/isolated.py``: peak resident set on CPU,
-``torch.cuda.max_memory_allocated`` on CUDA, above the inputs); the time is the median of
+``torch.cuda.max_memory_allocated`` on CUDA, above the inputs; on CUDA ``--isolate false`` runs
+the rows in one process, as exact there); the time is the median of
 ``--repeats`` runs after ``--warmup`` runs. The unfold rows whose estimated peak exceeds
 ``--max_gb`` are not run and say how much they would need.
 
@@ -43,9 +47,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,9 +56,10 @@ import torch.nn.functional as F
 from jsonargparse import CLI
 from torch import Tensor
 
-from benchmarks.isolated import PeakMemory, median_time, run_in_fresh_process
+from benchmarks.isolated import PeakMemory, measure_or_skip, median_time
 from benchmarks.roofline import Peaks, Work, mean_field_work, roofline_fraction
-from benchmarks.tables import ResultTable, update_results
+from benchmarks.tables import ResultTable, machine_header, update_results
+from gcrf.crf import kernels_from_pydensecrf
 
 __all__ = [
     "CASES",
@@ -69,9 +72,10 @@ __all__ = [
     "measure_row",
 ]
 
-#: Appearance and smoothness, DenseCRF's usual pair (intensities in 0–255 units).
-APPEARANCE = {"weight": 10.0, "sigma_xy": 80.0, "sigma_rgb": 13.0}
-SMOOTHNESS = {"weight": 3.0, "sigma_xy": 3.0}
+#: pydensecrf's usual pair of terms (its README, DeepLab): ``addPairwiseGaussian(sxy, compat)`` and
+#: ``addPairwiseBilateral(sxy, srgb, compat)``, σ in image pixels and 0–255 units.
+GAUSSIAN = ((3.0, 3.0),)
+BILATERAL = ((80.0, 13.0, 10.0),)
 
 
 @dataclass(frozen=True)
@@ -93,12 +97,11 @@ class CRFCase:
 
     @property
     def kernels(self) -> list[dict[str, float]]:
-        position = "xy" if len(self.image) == 2 else "xyz"
-        return [
-            {"weight": APPEARANCE["weight"], position: APPEARANCE["sigma_xy"],
-             "rgb": APPEARANCE["sigma_rgb"]},
-            {"weight": SMOOTHNESS["weight"], position: SMOOTHNESS["sigma_xy"]},
-        ]  # fmt: skip
+        """gcrf's kernels for the pydensecrf terms (positions in logit pixels, 0–255 image)."""
+        kernels = kernels_from_pydensecrf(GAUSSIAN, BILATERAL, self.stride, image_scale=255.0)
+        if len(self.image) == 2:
+            return kernels
+        return [{"xyz" if k == "xy" else k: v for k, v in kernel.items()} for kernel in kernels]
 
 
 CASES: dict[str, CRFCase] = {
@@ -148,22 +151,22 @@ def _pydensecrf(case: CRFCase, logits: Tensor, features: Tensor, iterations: int
     unary, image = logits, features  # numpy here: C×P float32 and the uint8 image
     size = case.logits
     norm = dcrf.NO_NORMALIZATION  # gcrf's kernels are not normalised either
+    # On the logits' grid: σ_xy in its pixels, as gcrf's (sxy / stride).
+    (gauss_xy, gauss_compat), (bi_xy, bi_rgb, bi_compat) = GAUSSIAN[0], BILATERAL[0]
+    gauss_xy, bi_xy = gauss_xy / case.stride, bi_xy / case.stride
     if len(size) == 2:
         crf = dcrf.DenseCRF2D(size[1], size[0], case.classes)
         crf.setUnaryEnergy(unary)
-        crf.addPairwiseGaussian(sxy=SMOOTHNESS["sigma_xy"], compat=SMOOTHNESS["weight"],
-                                normalization=norm)  # fmt: skip
-        crf.addPairwiseBilateral(sxy=APPEARANCE["sigma_xy"], srgb=APPEARANCE["sigma_rgb"],
-                                 rgbim=image, compat=APPEARANCE["weight"], normalization=norm)  # fmt: skip
+        crf.addPairwiseGaussian(sxy=gauss_xy, compat=gauss_compat, normalization=norm)
+        crf.addPairwiseBilateral(sxy=bi_xy, srgb=bi_rgb, rgbim=image, compat=bi_compat,
+                                 normalization=norm)  # fmt: skip
     else:
         crf = dcrf.DenseCRF(math.prod(size), case.classes)
         crf.setUnaryEnergy(unary)
-        smooth = create_pairwise_gaussian((SMOOTHNESS["sigma_xy"],) * 3, size)
-        crf.addPairwiseEnergy(smooth, compat=SMOOTHNESS["weight"], normalization=norm)
-        bilateral = create_pairwise_bilateral(
-            (APPEARANCE["sigma_xy"],) * 3, (APPEARANCE["sigma_rgb"],), image, chdim=-1
-        )
-        crf.addPairwiseEnergy(bilateral, compat=APPEARANCE["weight"], normalization=norm)
+        smooth = create_pairwise_gaussian((gauss_xy,) * 3, size)
+        crf.addPairwiseEnergy(smooth, compat=gauss_compat, normalization=norm)
+        bilateral = create_pairwise_bilateral((bi_xy,) * 3, (bi_rgb,), image, chdim=-1)
+        crf.addPairwiseEnergy(bilateral, compat=bi_compat, normalization=norm)
     return np.asarray(crf.inference(iterations))
 
 
@@ -326,6 +329,7 @@ def main(
     repeats: int | None = None,
     warmup: int = 1,
     device: Literal["cpu", "cuda"] | None = None,
+    isolate: bool = True,
     threads: int = 1,
     max_gb: float | None = None,
     timeout: float = 1800.0,
@@ -342,6 +346,8 @@ def main(
         repeats: timed runs per row, median reported (default: 1 on CPU, 10 on CUDA).
         warmup: untimed runs first.
         device: ``cpu`` or ``cuda`` (default: cuda when available; pydensecrf is CPU only).
+        isolate: run every row in a fresh process (``false``: all in this one, for CUDA
+            rows only; see ``benchmarks/isolated.py``).
         threads: torch intra-op threads per worker.
         max_gb: skip unfold rows whose estimated peak exceeds this (default: 16 on CPU, 80 % of
             the GPU).
@@ -372,37 +378,24 @@ def main(
                     row: dict[str, Any] = {"case": case_name, "iterations": count,
                                            "grad": with_grad, "implementation": name,
                                            "label": implementation.label}  # fmt: skip
-                    where = "cpu" if name == "pydensecrf" else device
-                    why = implementation.unusable(device)
-                    estimate = (
-                        _unfold_estimate(CASES[case_name], with_grad) if name == "unfold" else 0
-                    )
-                    if why is not None:
-                        row["unavailable"] = why
-                    elif estimate > max_gb * 2**30:
-                        row["skipped"] = f"would need ~{estimate / 2**30:.0f} GB"
-                    else:
-                        kwargs = {"implementation": name, "case": case_name, "iterations": count,
-                                  "grad": with_grad, "repeats": repeats, "warmup": warmup,
-                                  "device": where}  # fmt: skip
-                        row.update(
-                            run_in_fresh_process(
-                                "benchmarks.crf:measure_row",
-                                kwargs,
-                                threads=threads,
-                                timeout=timeout,
-                            )
+                    kwargs = {"implementation": name, "case": case_name, "iterations": count,
+                              "grad": with_grad, "repeats": repeats, "warmup": warmup,
+                              "device": "cpu" if name == "pydensecrf" else device}  # fmt: skip
+                    unfold = name == "unfold"
+                    rows.append(
+                        measure_or_skip(
+                            row,
+                            "benchmarks.crf:measure_row",
+                            kwargs,
+                            unusable=implementation.unusable(device),
+                            estimate_bytes=_unfold_estimate(CASES[case_name], with_grad)
+                            if unfold
+                            else 0,
+                            max_gb=max_gb,
+                            isolate=isolate,
+                            threads=threads,
+                            timeout=timeout,
                         )
-                    rows.append(row)
-                    print(
-                        f"{case_name:>11} T={count:<2} grad={with_grad!s:<5} "
-                        f"{implementation.label:<30} "
-                        + (
-                            f"{row['time_s']:8.2f} s {row['peak_bytes'] / 2**20:9.0f} MiB"
-                            if "time_s" in row
-                            else row.get("skipped") or f"not run: {row['unavailable']}"
-                        ),
-                        flush=True,
                     )
     table = crf_table(rows)
     goals = crf_goals(rows)
@@ -411,14 +404,9 @@ def main(
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=1))
     if write_results:
-        header = (
-            f"{device.upper()}: {os.cpu_count()} cores, torch {torch.__version__}, {threads} "
-            f"thread(s) per worker, median of {repeats} run(s) after {warmup} warm-up, load "
-            f"average {os.getloadavg()[0]:.1f} when the table was written, {date.today()}."
-        )
-        update_results(
-            f"crf-{device}-table", f"{header}\n\n{table.markdown()}", f"{device.upper()}: CRF"
-        )
+        runs = f"median of {repeats} run(s) after {warmup} warm-up"
+        block = f"{machine_header(device, threads, runs)}\n\n{table.markdown()}"
+        update_results(f"crf-{device}-table", block, f"{device.upper()}: CRF")
     return rows
 
 

@@ -31,7 +31,16 @@ from typing import Any
 import torch
 from jsonargparse import CLI
 
-__all__ = ["PeakMemory", "main", "median_time", "run_in_fresh_process", "synchronize", "time_runs"]
+__all__ = [
+    "PeakMemory",
+    "main",
+    "measure_or_skip",
+    "median_time",
+    "run_in_fresh_process",
+    "run_row",
+    "synchronize",
+    "time_runs",
+]
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -126,6 +135,67 @@ def run_in_fresh_process(
         last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
         return {"skipped": f"failed: {last[:160]}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_row(
+    target: str,
+    kwargs: dict[str, Any],
+    *,
+    isolate: bool = True,
+    threads: int = 1,
+    timeout: float = 1200.0,
+) -> dict[str, Any]:
+    """:func:`run_in_fresh_process`, or (``isolate=False``) the same call in this process.
+
+    In this process, a failure becomes ``{"skipped": ...}`` too, and the CUDA cache is emptied
+    after the row. Only for CUDA rows: ``max_memory_allocated`` counts live tensors exactly, so the
+    peak does not depend on what earlier rows left cached (on CPU the resident set would), and one
+    process spares a GPU run the start-up of Python, CUDA and the autotuner per row.
+    """
+    if isolate:
+        return run_in_fresh_process(target, kwargs, threads=threads, timeout=timeout)
+    module, _, function = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), function)(**kwargs)
+    except Exception as error:  # a row that cannot run is reported, the others go on
+        return {"skipped": f"failed: {type(error).__name__}: {str(error)[:160]}"}
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def measure_or_skip(
+    row: dict[str, Any],
+    target: str,
+    kwargs: dict[str, Any],
+    *,
+    unusable: str | None = None,
+    estimate_bytes: int = 0,
+    max_gb: float = float("inf"),
+    isolate: bool = True,
+    threads: int = 1,
+    timeout: float = 1200.0,
+) -> dict[str, Any]:
+    """Fill a table row: ``unavailable`` (why it cannot run here), ``skipped`` (the memory its
+    estimate says it would need, above ``max_gb``), or what :func:`run_row` measured; print a line
+    (the row's own fields, then the time and peak or why not).
+
+    Returns:
+        ``row``, updated.
+    """
+    what = " ".join(str(value) for key, value in row.items() if key != "baseline")
+    if unusable is not None:
+        row["unavailable"] = unusable
+    elif estimate_bytes > max_gb * 2**30:
+        row["skipped"] = f"would need ~{estimate_bytes / 2**30:.0f} GB"
+    else:
+        row.update(run_row(target, kwargs, isolate=isolate, threads=threads, timeout=timeout))
+    if "time_s" in row:
+        outcome = f"{row['time_s'] * 1e3:10.1f} ms {row['peak_bytes'] / 2**20:9.1f} MiB"
+    else:
+        outcome = row.get("skipped") or f"not run: {row['unavailable']}"
+    print(f"{what:<64} {outcome}", flush=True)
+    return row
 
 
 def main(target: str, kwargs: dict[str, Any] | None = None, threads: int = 1) -> None:

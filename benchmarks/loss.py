@@ -5,7 +5,7 @@ Run from the repository root::
     python -m benchmarks.loss                                  # all cases, every backend usable here
     python -m benchmarks.loss --cases [8x64] --repeats 5 --backends [torch,unfold]
     python -m benchmarks.loss --write_results true             # also update RESULTS.md's table
-    python -m benchmarks.loss --device cuda --cases [voc,8x512] --dtypes [fp32,bf16]
+    python -m benchmarks.loss --device cuda --cases [voc,8x512] --dtypes [fp32,bf16] --isolate false
 
 Setting (the published training default): C = 21 classes, radius 5, one kernel
 ``{"weight": 1, "xy": 6, "rgb": 0.1}``, ``mask_src`` given, features at the prediction resolution
@@ -16,7 +16,8 @@ probabilities, the 1-channel slice as the ``rgb`` modality, no gate.
 
 Honest measurement: every (implementation, case, dtype) runs in a fresh process
 (``benchmarks/isolated.py``: peak resident set on CPU, ``torch.cuda.max_memory_allocated`` on CUDA,
-above what the inputs hold). The time is the median of ``--repeats`` fwd+bwd runs after one
+above what the inputs hold; on CUDA ``--isolate false`` runs the rows in one process, as exact
+there and without a start-up per row). The time is the median of ``--repeats`` fwd+bwd runs after one
 warm-up run. With ``--bitwise`` (default on CUDA) two more runs are compared bit for bit with the
 first (value and gradient). The published formulation is skipped ("would need X GB") where its
 estimated peak exceeds ``--max_gb``.
@@ -27,10 +28,8 @@ To add rows, add an :class:`Implementation` to ``IMPLEMENTATIONS``.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,9 +37,9 @@ import torch
 from jsonargparse import CLI
 from torch import Tensor
 
-from benchmarks.isolated import PeakMemory, median_time, run_in_fresh_process
+from benchmarks.isolated import PeakMemory, measure_or_skip, median_time
 from benchmarks.roofline import Peaks, Work, pairwise_sum_work, roofline_fraction
-from benchmarks.tables import ResultTable, update_results
+from benchmarks.tables import ResultTable, machine_header, update_results
 from gcrf.loss import DEFAULT_KERNELS
 
 __all__ = ["CASES", "DTYPES", "IMPLEMENTATIONS", "Case", "case_work", "loss_table", "main"]
@@ -235,6 +234,7 @@ def main(
     dtypes: list[Literal["fp32", "bf16"]] | None = None,
     repeats: int | None = None,
     device: Literal["cpu", "cuda"] | None = None,
+    isolate: bool = True,
     threads: int = 1,
     max_gb: float | None = None,
     timeout: float = 1200.0,
@@ -250,6 +250,8 @@ def main(
         dtypes: probability dtypes (default: fp32).
         repeats: timed runs per row, median reported (default: 3 on CPU, 10 on CUDA).
         device: ``cpu`` or ``cuda`` (default: cuda when available).
+        isolate: run every row in a fresh process (``false``: all in this one, for CUDA
+            rows only; see ``benchmarks/isolated.py``).
         threads: torch intra-op threads per worker (default 1: stable numbers on a shared CPU).
         max_gb: skip rows whose estimated peak exceeds this (default: 6 on CPU, 80 % of the GPU).
         timeout: seconds per worker process.
@@ -275,44 +277,28 @@ def main(
                 row: dict[str, Any] = {"case": case_name, "dtype": dtype, "implementation": name,
                                        "label": implementation.label,
                                        "baseline": implementation.baseline}  # fmt: skip
-                why = implementation.unusable(device)
-                estimate = (
-                    implementation.peak_estimate(CASES[case_name], dtype)
-                    if implementation.peak_estimate
-                    else 0
-                )
-                if why is not None:
-                    row["unavailable"] = why
-                elif estimate > max_gb * 2**30:
-                    row["skipped"] = f"would need ~{estimate / 2**30:.0f} GB"
-                else:
-                    kwargs = {"implementation": name, "case": case_name, "dtype": dtype,
-                              "repeats": repeats, "device": device, "bitwise": bitwise}  # fmt: skip
-                    row.update(
-                        run_in_fresh_process(
-                            "benchmarks.loss:measure_row", kwargs, threads=threads, timeout=timeout
-                        )
+                kwargs = {"implementation": name, "case": case_name, "dtype": dtype,
+                          "repeats": repeats, "device": device, "bitwise": bitwise}  # fmt: skip
+                estimate = implementation.peak_estimate
+                rows.append(
+                    measure_or_skip(
+                        row,
+                        "benchmarks.loss:measure_row",
+                        kwargs,
+                        unusable=implementation.unusable(device),
+                        estimate_bytes=estimate(CASES[case_name], dtype) if estimate else 0,
+                        max_gb=max_gb,
+                        isolate=isolate,
+                        threads=threads,
+                        timeout=timeout,
                     )
-                rows.append(row)
-                print(
-                    f"{case_name:>7} {dtype} {implementation.label:<18} "
-                    + (
-                        f"{row['time_s'] * 1e3:9.1f} ms {row['peak_bytes'] / 2**20:9.1f} MiB"
-                        if "time_s" in row
-                        else row.get("skipped") or f"not run: {row['unavailable']}"
-                    ),
-                    flush=True,
                 )
     table = loss_table(rows)
     table.print()
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=1))
     if write_results:
-        header = (
-            f"{device.upper()}: {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{threads} thread(s) per worker, median of {repeats} runs after a warm-up, "
-            f"load average {os.getloadavg()[0]:.1f} when the table was written, {date.today()}."
-        )
+        header = machine_header(device, threads, f"median of {repeats} runs after a warm-up")
         update_results(f"{device}-table", f"{header}\n\n{table.markdown()}", device.upper())
     return rows
 

@@ -28,8 +28,9 @@ and per pixel ``⟨y_i, M_i⟩``: ``2C``. The bytes are the floor any implementa
 DRAM: read the probabilities (N·C·|S| in their dtype), the features (N·F·|S|, fp32) and each gate
 (N·|S| fp32) once, and write ∂S/∂probs (N·C·|S| in the probabilities' dtype) once. The mean-field
 CRF (docs/math.md#mean-field) is T sweeps of the value-only message (no Potts sum) plus, per pixel
-and iteration, ``2C²`` (the compatibility μ applied to M) ``+ 5C`` (``U − μM``, then the softmax:
-max, exp, sum, divide), moving per iteration U, Q, the features and gates in and Ũ out.
+and iteration, μ applied to M (``2C²``; Potts ``1 − I``: ``2C``, ``Σ_l' M(l') − M(l)``) and ``5C``
+(``U − μM``, then the softmax: max, exp, sum, divide), moving per iteration U, Q, the features and
+gates in and Ũ out.
 
 **Achieved fraction**: the roofline time of a work is ``max(FLOPs / fp32 FLOP/s, bytes / copy
 bandwidth)`` (the kernels accumulate in fp32 whatever the input dtype, so the fp32 peak applies to
@@ -160,12 +161,22 @@ def mean_field_work(
     num_kernels: int,
     iterations: int,
     gates: int = 0,
+    compat: bool = False,
     logits_bytes: int = 4,
 ) -> Work:
-    """Work of ``iterations`` mean-field updates (the forward; see the module docstring)."""
+    """Work of ``iterations`` mean-field updates (the forward; see the module docstring).
+
+    Args:
+        batch, classes, spatial, radius, num_features, num_kernels, gates: as for
+            :func:`pairwise_sum_work` (``spatial``: the logits' size).
+        iterations: T.
+        compat: a general compatibility μ (else Potts).
+        logits_bytes: bytes per element of the logits.
+    """
     pixels = batch * math.prod(spatial)
     message = pair_flops(classes, num_features, num_kernels, gates, grad=False, potts_sum=False)
-    per_iteration = pixels * (_window(spatial, radius) * message + 2 * classes**2 + 5 * classes)
+    mixing = 2 * classes**2 if compat else 2 * classes
+    per_iteration = pixels * (_window(spatial, radius) * message + mixing + 5 * classes)
     moved = pixels * (3 * classes * logits_bytes + 4 * num_features + 4 * gates)
     return Work(float(iterations * per_iteration), float(iterations * moved))
 

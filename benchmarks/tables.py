@@ -8,15 +8,18 @@ appends it under a new heading), so a benchmark rewrites its own table and nothi
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-__all__ = ["RESULTS", "ResultTable", "update_results"]
+__all__ = ["RESULTS", "ResultTable", "machine_header", "update_results"]
 
 #: The results file every benchmark writes its tables into.
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -66,6 +69,15 @@ class ResultTable:
         if self.notes:
             lines += ["", *self.notes]
         return "\n".join(lines)
+
+
+def machine_header(device: str, threads: int, runs: str) -> str:
+    """The line above a written table: where, with what, how it was timed, the load, the date."""
+    return (
+        f"{device.upper()}: {os.cpu_count()} cores, torch {torch.__version__}, {threads} thread(s) "
+        f"per worker, {runs}, load average {os.getloadavg()[0]:.1f} when the table was written, "
+        f"{date.today()}."
+    )
 
 
 def update_results(key: str, block: str, heading: str, path: Path = RESULTS) -> None:

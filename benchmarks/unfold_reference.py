@@ -21,7 +21,7 @@ removes. Not part of the library.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,61 @@ __all__ = [
     "unfold_mean_field_crf",
     "unfold_peak_bytes_estimate",
 ]
+
+
+def _unfold_window(t: Tensor, radius: int) -> Tensor:
+    """N×D×*S → N×D×(2r+1)^k×|S|: every pixel's window neighbours, zero outside the image."""
+    n, channels, *spatial = t.shape
+    d = 2 * radius + 1
+    if len(spatial) == 2:
+        return F.unfold(t, d, padding=radius).view(n, channels, d * d, -1)
+    view = F.pad(t, [radius] * 6)
+    for axis in (2, 3, 4):
+        view = view.unfold(axis, d, 1)  # N×D×d′×h′×w′×d×d×d, a view of the padded volume
+    return view.permute(0, 1, 5, 6, 7, 2, 3, 4).reshape(n, channels, d**3, -1)
+
+
+def _positions(like: Tensor, scale: Sequence[float]) -> Tensor:
+    """N×k×*S pixel coordinates (tensor axis order) times a per-axis scale, in ``like``'s dtype."""
+    n, _, *size = like.shape
+    axes = [torch.arange(s, dtype=like.dtype, device=like.device) for s in size]
+    grid = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack([a * f for a, f in zip(grid, scale, strict=True)]).expand(n, -1, *size)
+
+
+def _window_kernel(
+    kernels_desc: Sequence[Mapping[str, float]],
+    positions: Tensor,
+    modality: Callable[[str], Tensor],
+    radius: int,
+) -> Tensor:
+    """``Σ_k w_k exp(−½‖f_k(j) − f_k(i)‖²)`` for every window offset, N×(2r+1)^k×|S|, 0 at the
+    centre; features zero-padded at the border (kernels towards out-of-image pixels are kept).
+
+    ``f_k`` is the concatenation of the kernel's modalities over their σ, ``positions`` for
+    ``"xy"`` / ``"xyz"``, ``modality(name)`` (at the prediction size) for the others.
+    """
+    kernel = None
+    for desc in kernels_desc:
+        chunks = [
+            (positions if name in ("xy", "xyz") else modality(name)) / sigma
+            for name, sigma in desc.items()
+            if name != "weight"
+        ]
+        f = torch.cat(chunks, dim=1)
+        distance = (_unfold_window(f, radius) - f.flatten(2)[:, :, None]).square().sum(1)
+        k = desc["weight"] * (-0.5 * distance).exp()
+        kernel = k if kernel is None else kernel + k
+    kernel[:, kernel.shape[1] // 2] = 0
+    return kernel
+
+
+def _binary_gate(mask: Tensor, size: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """A gate as the published code fixes it: area-resized, NaN → 0, every value < 1 → 0."""
+    pool = F.adaptive_avg_pool2d if len(size) == 2 else F.adaptive_avg_pool3d
+    mask = pool(mask.to(dtype), tuple(size))
+    mask = torch.where(torch.isnan(mask), 0.0, mask)
+    return torch.where(mask < 1.0, 0.0, mask)
 
 
 def published_gated_crf(
@@ -57,45 +112,21 @@ def published_gated_crf(
     d = 2 * radius + 1
 
     def unfold(t: Tensor) -> Tensor:
-        return F.unfold(t, d, 1, radius).view(n, t.shape[1], d, d, h, w)
+        return _unfold_window(t, radius).view(n, t.shape[1], d, d, h, w)
 
-    def resize_fix_mask(mask: Tensor) -> Tensor:
-        mask = F.adaptive_avg_pool2d(mask.to(y.dtype), (h, w))
-        mask = torch.where(torch.isnan(mask), 0.0, mask)
-        return torch.where(mask < 1.0, 0.0, mask)
+    def modality(name: str) -> Tensor:
+        source = sample if isinstance(sample, Tensor) else sample[name]
+        return F.adaptive_avg_pool2d(source.to(y.dtype), (h, w))
 
-    mesh = torch.stack(
-        torch.meshgrid(
-            torch.arange(w, dtype=y.dtype, device=y.device),
-            torch.arange(h, dtype=y.dtype, device=y.device),
-            indexing="xy",
-        )
-    ).expand(n, 2, h, w)
-    kernels = None
-    for desc in kernels_desc:
-        features = []
-        for modality, sigma in desc.items():
-            if modality == "weight":
-                continue
-            if modality == "xy":
-                feature = mesh
-            else:
-                source = sample if isinstance(sample, Tensor) else sample[modality]
-                feature = F.adaptive_avg_pool2d(source.to(y.dtype), (h, w))
-            features.append(feature / sigma)
-        k = unfold(torch.cat(features, dim=1))
-        k = k - k[:, :, radius, radius].view(n, -1, 1, 1, h, w)
-        k = (-0.5 * k**2).sum(dim=1, keepdim=True).exp()
-        k[:, :, radius, radius] = 0
-        k = desc["weight"] * k
-        kernels = k if kernels is None else kernels + k
+    mesh = _positions(y, (1.0, 1.0))
+    kernels = _window_kernel(kernels_desc, mesh, modality, radius).view(n, 1, d, d, h, w)
     denom = torch.tensor(float(n * h * w), dtype=y.dtype, device=y.device)
     if mask_src is not None:
-        m = resize_fix_mask(mask_src)
+        m = _binary_gate(mask_src, (h, w), y.dtype)
         denom = m.sum().clamp(min=1)
         kernels = kernels * unfold(m)
     if mask_dst is not None:
-        m = resize_fix_mask(mask_dst)
+        m = _binary_gate(mask_dst, (h, w), y.dtype)
         denom = m.sum().clamp(min=1)
         kernels = kernels * m.view(n, 1, 1, 1, h, w)
     product = (kernels * unfold(y)).view(n, c, d * d, h, w).sum(dim=2)
@@ -135,18 +166,6 @@ def unfold_peak_bytes_estimate(n: int, c: int, h: int, w: int, radius: int) -> i
     return int(2.5 * 4 * n * c * (2 * radius + 1) ** 2 * h * w)
 
 
-def _unfold_window(t: Tensor, radius: int) -> Tensor:
-    """N×D×*S → N×D×(2r+1)^k×|S|: every pixel's window neighbours, zero outside the image."""
-    n, channels, *spatial = t.shape
-    d = 2 * radius + 1
-    if len(spatial) == 2:
-        return F.unfold(t, d, padding=radius).view(n, channels, d * d, -1)
-    view = F.pad(t, [radius] * 6)
-    for axis in (2, 3, 4):
-        view = view.unfold(axis, d, 1)  # N×D×d′×h′×w′×d×d×d, a view of the padded volume
-    return view.permute(0, 1, 5, 6, 7, 2, 3, 4).reshape(n, channels, d**3, -1)
-
-
 def unfold_mean_field_crf(
     logits: Tensor,
     features: Mapping[str, Tensor],
@@ -176,45 +195,22 @@ def unfold_mean_field_crf(
     dtype = logits.dtype
     pool = F.adaptive_avg_pool2d if len(size) == 2 else F.adaptive_avg_pool3d
 
-    def resize(t: Tensor) -> Tensor:
-        t = t.to(dtype)
+    def modality(name: str) -> Tensor:
+        t = features[name].to(dtype)
         return t if tuple(t.shape[2:]) == size else pool(t, size)
 
     inputs = [features[m] for k in kernels for m in k if m not in ("weight", "xy", "xyz")]
     inputs += [m for m in (mask_src, mask_dst) if m is not None]
-    ratio = (
-        [s_in // s for s_in, s in zip(inputs[0].shape[2:], size, strict=True)]
-        if inputs
-        else [1] * len(size)
-    )
-    axes = torch.meshgrid(*[torch.arange(s, dtype=dtype, device=logits.device) for s in size],
-                          indexing="ij")  # fmt: skip
-    scale = (
-        [1.0] * len(size)
-        if spacing is None
-        else [s * r for s, r in zip(spacing, ratio, strict=True)]
-    )
-    mesh = torch.stack([a * f for a, f in zip(axes, scale, strict=True)]).expand(n, -1, *size)
-    centre = ((2 * radius + 1) ** len(size)) // 2
-    kernel = None
-    for desc in kernels:
-        chunks = []
-        for modality, sigma in desc.items():
-            if modality == "weight":
-                continue
-            chunks.append(
-                (mesh if modality in ("xy", "xyz") else resize(features[modality])) / sigma
-            )
-        f = torch.cat(chunks, dim=1)
-        unfolded = _unfold_window(f, radius)
-        k = desc["weight"] * (-0.5 * (unfolded - f.flatten(2)[:, :, None]).square().sum(1)).exp()
-        kernel = k if kernel is None else kernel + k  # N×(2r+1)^k×|S|
-    kernel[:, centre] = 0
-    for mask, unfold in ((mask_src, True), (mask_dst, False)):
-        if mask is not None:
-            m = resize(mask)
-            m = torch.where(torch.isnan(m) | (m < 1.0), 0.0, m)
-            kernel = kernel * (_unfold_window(m, radius)[:, 0] if unfold else m.flatten(2))
+    ratio = [i // s for i, s in zip(inputs[0].shape[2:], size, strict=True)] if inputs else None
+    if spacing is None:
+        scale = [1.0] * len(size)
+    else:
+        scale = [s * r for s, r in zip(spacing, ratio or [1] * len(size), strict=True)]
+    kernel = _window_kernel(kernels, _positions(logits, scale), modality, radius)
+    if mask_src is not None:
+        kernel = kernel * _unfold_window(_binary_gate(mask_src, size, dtype), radius)[:, 0]
+    if mask_dst is not None:
+        kernel = kernel * _binary_gate(mask_dst, size, dtype).flatten(2)
     mu = (
         1.0 - torch.eye(c, dtype=dtype, device=logits.device)
         if compatibility is None

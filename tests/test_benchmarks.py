@@ -43,11 +43,15 @@ def test_pairwise_work_matches_a_hand_count():
 
 
 def test_mean_field_work_matches_a_hand_count():
-    # 1×2×2×3 logits, r = 1, 1 feature, 2 kernels, 2 iterations, no gate. Per pair: Gaussian
-    # 3 + 8 = 11, message 4: 15; per pixel and iteration 9·15 + 2·2² + 5·2 = 153; 6 pixels, 2
-    # iterations: 1836. Bytes per pixel and iteration: U, Q in and Ũ out (3·2·4), the feature 4.
-    work = mean_field_work(1, 2, (2, 3), 1, num_features=1, num_kernels=2, iterations=2)
-    assert (work.flops, work.bytes) == (1836, 2 * 6 * 28)
+    # 1×3×2×3 logits, r = 1, 1 feature, 2 kernels, 2 iterations, no gate. Per pair: Gaussian
+    # 3 + 8 = 11, message 2·3 = 6: 17; per pixel and iteration 9·17, μM 2·3² = 18 (Potts: 2·3 = 6),
+    # 5·3 = 15: 186 (174); 6 pixels, 2 iterations: 2232 (2088). Bytes per pixel and iteration:
+    # U, Q in and Ũ out (3·3·4), the feature 4: 40.
+    work = mean_field_work(
+        1, 3, (2, 3), 1, num_features=1, num_kernels=2, iterations=2, compat=True
+    )
+    assert (work.flops, work.bytes) == (2232, 2 * 6 * 40)
+    assert mean_field_work(1, 3, (2, 3), 1, 1, 2, iterations=2).flops == 2088
 
 
 def test_roofline_fraction_takes_the_slower_bound():
