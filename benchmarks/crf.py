@@ -5,6 +5,7 @@ Run from the repository root::
     python -m benchmarks.crf                                   # every case, all usable here
     python -m benchmarks.crf --cases [voc_stride4] --iterations [5] --repeats 3
     python -m benchmarks.crf --write_results true              # also update RESULTS.md's table
+    python -m benchmarks.crf --cases [voc_stride1] --flush_denormal true
     python -m benchmarks.crf --device cuda --implementations [gcrf_triton,gcrf_torch,unfold] \
         --isolate false
 
@@ -226,8 +227,10 @@ def measure_row(
     repeats: int,
     warmup: int,
     device: str,
+    flush_denormal: bool = False,
 ) -> dict[str, Any]:
     """One row, in a fresh process: build the inputs, then time the refinement and its peak."""
+    torch.set_flush_denormal(flush_denormal)
     crf_case = CASES[case]
     refine = IMPLEMENTATIONS[implementation].refine
     logits, features = _inputs(crf_case, device)
@@ -333,6 +336,7 @@ def main(
     threads: int = 1,
     max_gb: float | None = None,
     timeout: float = 1800.0,
+    flush_denormal: bool = False,
     write_results: bool = False,
     json_path: str | None = None,
 ) -> list[dict[str, Any]]:
@@ -352,6 +356,8 @@ def main(
         max_gb: skip unfold rows whose estimated peak exceeds this (default: 16 on CPU, 80 % of
             the GPU).
         timeout: seconds per worker process.
+        flush_denormal: ``torch.set_flush_denormal(True)`` in every row (CPU: subnormal
+            probabilities then compute at full speed; its own table in RESULTS.md).
         write_results: update this device's CRF table in ``benchmarks/RESULTS.md``.
         json_path: also write the rows as JSON there.
     """
@@ -380,7 +386,8 @@ def main(
                                            "label": implementation.label}  # fmt: skip
                     kwargs = {"implementation": name, "case": case_name, "iterations": count,
                               "grad": with_grad, "repeats": repeats, "warmup": warmup,
-                              "device": "cpu" if name == "pydensecrf" else device}  # fmt: skip
+                              "device": "cpu" if name == "pydensecrf" else device,
+                              "flush_denormal": flush_denormal}  # fmt: skip
                     unfold = name == "unfold"
                     rows.append(
                         measure_or_skip(
@@ -405,8 +412,11 @@ def main(
         Path(json_path).write_text(json.dumps(rows, indent=1))
     if write_results:
         runs = f"median of {repeats} run(s) after {warmup} warm-up"
+        if flush_denormal:
+            runs += ", denormals flushed to zero"
         block = f"{machine_header(device, threads, runs)}\n\n{table.markdown()}"
-        update_results(f"crf-{device}-table", block, f"{device.upper()}: CRF")
+        key = f"crf-{device}{'-flush' if flush_denormal else ''}-table"
+        update_results(key, block, f"{device.upper()}: CRF")
     return rows
 
 

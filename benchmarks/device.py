@@ -20,12 +20,12 @@ so whatever ran is kept even if a later step fails or the run is killed.
 | `roofline` | 30 s | fp32 / bf16 matmul FLOP/s and device-copy bandwidth on this GPU (`python -m benchmarks.roofline`) |
 | `loss` | 90 s | the Gated CRF loss fwd+bwd at the published VOC step (48×21×64²) and the large shape (8×21×512²), r = 5: Triton, torch backend, published unfold; fp32 and bf16; peak memory; bitwise repeats (`python -m benchmarks.loss`) |
 | `cuda_tests` | 60 s | `pytest -m cuda tests` (the CUDA-only tests) |
-| `kernel_tests` | 150 s | `pytest tests/test_kernels.py tests/test_backend_contract.py tests/test_crf.py -m "not cuda and not slow"`: the tests of the Triton kernels, compiled on the GPU instead of interpreted |
-| `train_step` | 60 s | one training step of each recipe's default model, with and without the Gated CRF term (`python -m benchmarks.model`) |
+| `kernel_tests` | 120 s | `pytest tests/test_kernels.py tests/test_backend_contract.py tests/test_crf.py -m "not cuda and not slow"`: the tests of the Triton kernels, compiled on the GPU instead of interpreted |
+| `train_step` | 90 s | one training step of each recipe's default model, with and without the Gated CRF term (`python -m benchmarks.model`) |
 | `data` | 45 s | the data pipeline's samples/s per loader worker (`python -m benchmarks.data`), put against the measured steps/s |
-| `crf` | 60 s | mean-field CRF refinement, Triton / torch / unfold (`python -m benchmarks.crf`; only where `gcrf.crf` exists) |
+| `crf` | 90 s | mean-field CRF refinement, Triton / torch / unfold (`python -m benchmarks.crf`; only where `gcrf.crf` exists) |
 
-The budgets add up to 495 s, under the default ``--deadline_s`` of 540 s (a 10-minute command
+The budgets add up to 525 s, under the default ``--deadline_s`` of 540 s (a 10-minute command
 limit leaves a minute for starting Python and writing). Without a CUDA device the command prints
 the plan, says so and exits with status 2 (``--dry_run true``: the same on any machine); it exits
 with 1 when a step failed or ran out of time, else 0 — short targets are results, not failures.
@@ -120,6 +120,7 @@ class Step:
     needs: str | None = None
 
     def command(self, work_dir: Path) -> list[str]:
+        """The command line, with this Python and the work folder filled in."""
         return [sys.executable, *(a.replace("{work}", str(work_dir)) for a in self.args)]
 
 
@@ -138,16 +139,16 @@ def plan() -> list[Step]:
         Step("cuda_tests", 60, "pytest -m cuda (the CUDA-only tests)",
              (*pytest, "-m", "cuda", "--junitxml", "{work}/cuda_tests.xml", "tests"),
              "cuda_tests.xml"),
-        Step("kernel_tests", 150, "the kernel tests, compiled on the GPU (no interpreter)",
+        Step("kernel_tests", 120, "the kernel tests, compiled on the GPU (no interpreter)",
              (*pytest, *workers, "-m", "not cuda and not slow", "--junitxml",
               "{work}/kernel_tests.xml", *KERNEL_TESTS), "kernel_tests.xml"),
-        Step("train_step", 60, "a training step per recipe, with and without the Gated CRF term",
+        Step("train_step", 90, "a training step per recipe, with and without the Gated CRF term",
              ("-m", "benchmarks.model", "--device", "cuda", "--json_path",
               "{work}/train_step.json"), "train_step.json"),
         Step("data", 45, "data pipeline samples/s per loader worker (CPU)",
              ("-m", "benchmarks.data", "--samples", "15", "--json_path", "{work}/data.json"),
              "data.json"),
-        Step("crf", 60, "mean-field CRF: Triton / torch / unfold",
+        Step("crf", 90, "mean-field CRF: Triton / torch / unfold",
              ("-m", "benchmarks.crf", "--device", "cuda", "--implementations",
               "[gcrf_triton,gcrf_torch,unfold]", "--repeats", "5", "--isolate", "false",
               "--json_path", "{work}/crf.json"), "crf.json",
@@ -244,6 +245,9 @@ def run_plan(
             record["status"] = "not run: out of time"
         else:
             timeout = min(step.budget_s, left)
+            result = work_dir / step.result if step.result else None
+            if result is not None:
+                result.unlink(missing_ok=True)  # never report an earlier run's result
             log = work_dir / f"{step.name}.log"
             record["log"] = str(log)
             began = time.monotonic()
@@ -260,7 +264,6 @@ def run_plan(
                 except subprocess.TimeoutExpired:
                     record["status"] = f"timed out after {timeout:.0f} s"
             record["seconds"] = round(time.monotonic() - began, 1)
-            result = work_dir / step.result if step.result else None
             if result is not None and result.exists():
                 try:
                     record["result"] = _read_result(result)

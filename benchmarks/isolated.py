@@ -183,7 +183,7 @@ def measure_or_skip(
     Returns:
         ``row``, updated.
     """
-    what = " ".join(str(value) for key, value in row.items() if key != "baseline")
+    what = " ".join(str(value) for key, value in row.items() if key not in ("baseline", "label"))
     if unusable is not None:
         row["unavailable"] = unusable
     elif estimate_bytes > max_gb * 2**30:

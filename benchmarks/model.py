@@ -28,6 +28,7 @@ Run from the repository root::
 
     python -m benchmarks.model                                # every recipe (CPU: batch 2)
     python -m benchmarks.model --recipes [voc,acdc] --batch 4 --iterations 5 --threads 2
+    python -m benchmarks.model --write_results true          # also update RESULTS.md's table
     python -m benchmarks.model --device cuda --json_path steps.json   # the recipes' batch sizes
 """
 
@@ -36,16 +37,18 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
+from unittest import mock
 
 import torch
 from jsonargparse import CLI
 from torch import Tensor
 
 from benchmarks.isolated import PeakMemory, median_time
-from benchmarks.tables import ResultTable
+from benchmarks.tables import ResultTable, machine_header, update_results
 from gcrf.conventions import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from gcrf.training.objective import cross_entropy_loss, dice_loss
 
@@ -83,7 +86,9 @@ def build_recipe(recipe: str, encoder: str | None = None) -> tuple[Any, Any]:
     args = ["--model.model_pretrained=false", "--model.loss_gatedcrf=true"]
     if encoder is not None:
         args.append(f"--model.model_encoder_name={encoder}")
-    cli = importlib.import_module(RECIPES[recipe]).main(args, run=False)
+    # The recipe parses ``args`` only; this command's own arguments are not its business.
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        cli = importlib.import_module(RECIPES[recipe]).main(args, run=False)
     return cli.model, cli.datamodule
 
 
@@ -209,6 +214,7 @@ def main(
     amp: bool = False,
     channels_last: bool = False,
     no_loss: bool = False,
+    write_results: bool = False,
     json_path: str | None = None,
 ) -> list[Row]:
     """Build each recipe's model, time its training step with and without the Gated CRF term.
@@ -224,6 +230,7 @@ def main(
         amp: bfloat16 autocast for the network.
         channels_last: channels-last memory format.
         no_loss: only the CE rows.
+        write_results: update this device's training-step table in ``benchmarks/RESULTS.md``.
         json_path: also write the rows (and steps/s) as JSON there.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -265,7 +272,14 @@ def main(
         f"Training step (fwd + objective + bwd + optimiser), {where}, amp {amp}, channels_last "
         f"{channels_last}, median of {iterations} steps after {warmup} warm-up"
     )
-    step_table(rows, title).print()
+    table = step_table(rows, title)
+    table.print()
+    if write_results:
+        runs = f"median of {iterations} steps after {warmup} warm-up, amp {amp}"
+        block = (
+            f"{machine_header(device.type, torch.get_num_threads(), runs)}\n\n{table.markdown()}"
+        )
+        update_results(f"model-{device.type}-table", block, f"{device.type.upper()}: training step")
     if json_path:
         records = [{**asdict(r), "steps_per_s": r.steps_per_s} for r in rows]
         Path(json_path).write_text(json.dumps(records, indent=1))

@@ -75,7 +75,7 @@ def machine_header(device: str, threads: int, runs: str) -> str:
     """The line above a written table: where, with what, how it was timed, the load, the date."""
     return (
         f"{device.upper()}: {os.cpu_count()} cores, torch {torch.__version__}, {threads} thread(s) "
-        f"per worker, {runs}, load average {os.getloadavg()[0]:.1f} when the table was written, "
+        f"per process, {runs}, load average {os.getloadavg()[0]:.1f} when the table was written, "
         f"{date.today()}."
     )
 

@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -235,6 +236,13 @@ def test_plan_commands_are_accepted_by_their_programs():
         assert run.returncode == 0, f"{command}: {err[-2000:]}"
     budgets = sum(step.budget_s for step in device.plan())
     assert budgets <= 540  # the default deadline: the plan fits a 10-minute command
+
+
+def test_the_docstring_states_the_plan():
+    documented = re.findall(r"^\| `(\w+)` \| (\d+) s \|", device.__doc__, re.MULTILINE)
+    assert documented == [(step.name, f"{step.budget_s:.0f}") for step in device.plan()]
+    total = sum(step.budget_s for step in device.plan())
+    assert f"The budgets add up to {total:.0f} s" in device.__doc__
 
 
 # --------------------------------------------------------------------------------------------------
