@@ -9,8 +9,9 @@ removes. Not part of the library.
   ``tests/test_loss_published.py``. Same mathematics as the published ``ModelLossSemsegGatedCRF``:
   features zero-padded at the border, kernels towards out-of-image pixels kept in ``Σ K``, masks
   multiplied in, loss ``(Σ K − Σ K·y_j·y_i) / D`` (Potts) or the intent of its broken
-  compatibility branch. Known, deliberate difference of gcrf (README): without ``mask_src`` the
-  published value is larger by a y-independent constant; with ``mask_src`` they agree.
+  compatibility branch. Known, deliberate difference of gcrf (docs/math.md#published-differences):
+  without ``mask_src`` the published value is larger by a y-independent constant; with
+  ``mask_src`` they agree.
 - :func:`unfold_mean_field_crf`: mean-field refinement on the same kernel (docs/math.md#mean-field)
   the way ConvCRF (Teichmann & Cipolla, 2019) computes it: the gated kernel unfolded once
   (N×(2r+1)^k×|S|), then per iteration the probabilities unfolded (N×C×(2r+1)^k×|S|), multiplied

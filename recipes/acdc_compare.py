@@ -10,13 +10,14 @@ supervision and loss, each through its recipe (``recipes.acdc_full`` / ``recipes
 The CPU-scale settings (the same for all three) shrink WSL4MIS's run where it costs: 128×128
 inputs instead of 256, a UNet on a small timm encoder (``mobilenetv3_small_100``, decoder
 ``[64, 32, 16, 8, 8]``) trained from scratch, 1,000 steps of batch 12, SGD with lr 0.03 instead of
-0.01 (poly 0.9, momentum 0.9, weight decay 1e-4). The loss is WSL4MIS's — weight 0.1, ``rgb`` σ 0.1
-on the [0, 1] intensities, full-resolution probabilities — with its kernel scaled to the input
-size, so that it covers the same anatomy: σ_xy 6 → 3 and radius 5 → round(2.5) = 2 at 128².
-Fits in about 10 minutes on 2 CPU cores. The table reports the validation volumes' 3D Dice (mean ± std over
-volumes, per class) and HD95 of the final model, and the share of the pCE → full gap that the
-Gated CRF loss closes. Runs train side by side, one process each; logs, checkpoints and each run's
-``config.yaml`` go to ``--output_dir``.
+0.01 (poly 0.9, momentum 0.9, weight decay 1e-4). The loss is the ACDC recipe's (WSL4MIS's) —
+weight 0.1, σ 0.1 on the [0, 1] intensities (the ``intensity`` modality), full-resolution
+probabilities — with its kernel scaled to the input size, so that it covers the same anatomy: σ_xy
+6 → 3 and radius 5 → round(2.5) = 2 at 128². Fits in about 10 minutes on 2 CPU cores. The table
+reports the validation volumes' 3D Dice (mean ± std over volumes, per class) and HD95 (medpy's
+definition, in voxels) of the final model, and the share of the pCE → full gap that the Gated CRF
+loss closes. Runs train side by side, one process each, every console line labelled with its run;
+logs, checkpoints and each run's ``config.yaml`` go to ``--output_dir``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from jsonargparse import CLI
 from rich.console import Console
 from rich.table import Table
 
-from recipes.runs import RunResult, RunSpec, cpu_trainer_flags, gap_closed, run_side_by_side
+from recipes import presets
+from recipes.cli import command_line_args
+from recipes.runs import RunResult, RunSpec, cpu_trainer_settings, gap_closed, run_side_by_side
 
 __all__ = ["CompareData", "compare", "main"]
 
@@ -56,12 +59,12 @@ def compare(
     steps: int = 1000,
     image_size: int = 128,
     batch_size: int = 12,
-    encoder: str = "mobilenetv3_small_100",
+    model_encoder_name: str = "mobilenetv3_small_100",
     decoder_channels: list[int] | None = None,
     optimizer: Literal["sgd", "adam"] = "sgd",
     lr: float = 0.03,
-    gatedcrf_xy_sigma: float | None = None,
-    gatedcrf_radius: int | None = None,
+    gated_crf_kernels: list[dict[str, float]] | None = None,
+    gated_crf_radius: int | None = None,
     validations: int = 1,
     seed: int = 0,
     output_dir: str = "runs/acdc_compare",
@@ -74,16 +77,17 @@ def compare(
         steps: training steps of every run.
         image_size: side of the network input (slices are resized to it; WSL4MIS: 256).
         batch_size: training batch size (WSL4MIS: 12).
-        encoder: timm encoder of the UNet (trained from scratch, 1 input channel).
+        model_encoder_name: timm encoder of the UNet (trained from scratch, 1 input channel).
         decoder_channels: UNet decoder widths, deepest first (default ``[64, 32, 16, 8, 8]``).
         optimizer: ``sgd`` (momentum 0.9, as WSL4MIS) or ``adam``; weight decay 1e-4 and poly 0.9
             either way.
         lr: learning rate (default 0.03: WSL4MIS's 0.01 is made for 60,000 steps and leaves the
             dense baseline undertrained in 1,000).
-        gatedcrf_xy_sigma: σ_xy of the Gated CRF kernel in prediction pixels (default: WSL4MIS's
-            6 at 256², scaled to ``image_size``: the same reach over the anatomy, 3 at 128²).
-        gatedcrf_radius: window radius (default: WSL4MIS's 5 at 256², scaled likewise and rounded
-            half to even: 2 at 128²).
+        gated_crf_kernels: the Gated CRF kernels, appearance term on ``intensity`` (default: the
+            ACDC recipe's, WSL4MIS's at 256², with σ_xy scaled to ``image_size``: the same reach
+            over the anatomy, 3 at 128²).
+        gated_crf_radius: window radius (default: the ACDC recipe's 5 at 256², scaled likewise
+            and rounded half to even: 2 at 128²).
         validations: validations per run (the last one is reported).
         seed: seed of the initialisation, the batch order and the augmentation (shared).
         output_dir: where the runs write logs, checkpoints and configurations.
@@ -94,64 +98,72 @@ def compare(
     """
     data = data or CompareData()
     fold = data.fold
-    scale = image_size / 256  # WSL4MIS trains at 256²: its kernel, in pixels, scales with the size
-    xy = gatedcrf_xy_sigma if gatedcrf_xy_sigma is not None else 6.0 * scale
-    radius = gatedcrf_radius if gatedcrf_radius is not None else max(1, round(5 * scale))
+    # The ACDC recipes train at 256² as WSL4MIS does: its kernel, in pixels, scales with the size.
+    scale = image_size / presets.ACDC["data.image_size"]
+    kernels = gated_crf_kernels or [
+        {**kernel, "xy": kernel["xy"] * scale}
+        for kernel in presets.ACDC_SCRIBBLES["model.gated_crf_kernels"]
+    ]
+    radius = (
+        gated_crf_radius
+        if gated_crf_radius is not None
+        else max(1, round(presets.ACDC_SCRIBBLES["model.gated_crf_radius"] * scale))
+    )
     decoder = decoder_channels or [64, 32, 16, 8, 8]
     if data.download:  # once, here, rather than in three processes at a time
         from gcrf.data.acdc import download_acdc
 
         download_acdc(data.root)
-    common = (
-        f"--data.root={data.root}",
-        f"--data.fold={fold}",
-        f"--data.image_size={image_size}",
-        f"--data.batch_size={batch_size}",
-        "--data.num_workers=0",
-        "--data.num_workers_validation=0",
-        "--data.cache=true",
-        f"--model.model_encoder_name={encoder}",
-        f"--model.model_kwargs={{in_channels: 1, decoder_channels: {decoder}}}",
-        f"--model.optimizer={optimizer}",
-        f"--model.optimizer_kwargs={{lr: {lr}, weight_decay: 0.0001"
-        + (", momentum: 0.9}" if optimizer == "sgd" else "}"),
-        *cpu_trainer_flags(steps, validations),
-        f"--seed_everything={seed}",
-        f"--visualization.num_batches_visualization_step={max(1, steps // 2)}",
-    )
-    specs = [
-        RunSpec("full", "0.5·(CE + Dice) on dense labels", "recipes.acdc_full"),
-        RunSpec(
-            "pce",
-            "partial CE on scribbles",
-            "recipes.acdc_scribbles",
-            ("--model.loss_gatedcrf=false",),
-        ),
-        RunSpec(
+    optimizer_kwargs = {
+        "lr": lr,
+        "weight_decay": 1e-4,
+        **({"momentum": 0.9} if optimizer == "sgd" else {}),
+    }
+    common = {
+        "data.root": data.root,
+        "data.fold": fold,
+        "data.image_size": image_size,
+        "data.batch_size": batch_size,
+        "data.num_workers": 0,
+        "data.num_workers_validation": 0,
+        "data.cache": True,
+        "model.model_encoder_name": model_encoder_name,
+        "model.model_kwargs": {"in_channels": 1, "decoder_channels": decoder},
+        "model.optimizer": optimizer,
+        "model.optimizer_kwargs": optimizer_kwargs,
+        **cpu_trainer_settings(steps, validations),
+        "seed_everything": seed,
+        "visualization.num_batches_visualization_step": max(1, steps // 2),
+    }
+    runs = (
+        ("full", "0.5·(CE + Dice) on dense labels", "recipes.acdc_full", {}),
+        ("pce", "partial CE on scribbles", "recipes.acdc_scribbles", {"model.gated_crf": False}),
+        (
             "pce_gatedcrf",
             "partial CE + Gated CRF",
             "recipes.acdc_scribbles",
-            (
-                f"--model.loss_gatedcrf_kernels_desc=[{{weight: 1, xy: {xy}, rgb: 0.1}}]",
-                f"--model.loss_gatedcrf_radius={radius}",
-            ),
+            {"model.gated_crf_kernels": kernels, "model.gated_crf_radius": radius},
         ),
-    ]
+    )
     specs = [
         RunSpec(
-            s.name,
-            s.description,
-            s.recipe,
-            (*common, *s.args, f"--trainer.default_root_dir={output_dir}/{s.name}"),
+            name,
+            description,
+            recipe,
+            tuple(
+                command_line_args(
+                    {**common, **settings, "trainer.default_root_dir": f"{output_dir}/{name}"}
+                )
+            ),
         )
-        for s in specs
+        for name, description, recipe, settings in runs
     ]
     console = Console(width=132)
     console.print(
         f"ACDC fold {fold}: {steps} steps of batch {batch_size} at {image_size}², UNet "
-        f"({encoder}, decoder {decoder}) from scratch, {optimizer} lr {lr} poly 0.9; Gated CRF "
-        f"weight 0.1, xy {xy:g}, rgb 0.1, radius {radius} — "
-        + ", ".join(s.description for s in specs)
+        f"({model_encoder_name}, decoder {decoder}) from scratch, {optimizer} lr {lr} poly 0.9; "
+        f"Gated CRF weight {presets.ACDC_SCRIBBLES['model.gated_crf_weight']}, kernels {kernels}, "
+        f"radius {radius} — " + ", ".join(s.description for s in specs)
     )
     start = time.monotonic()
     results = run_side_by_side(specs, workers=workers)

@@ -4,7 +4,8 @@
     python -m recipes.acdc_full --data.root /data/ACDC --data.download true
 
 Validation scores the fold's volumes in 3D (``val/dice``, ``val/dice_rv``, ``val/dice_myo``,
-``val/dice_lv``, ``val/hd95``); the best checkpoint is the one with the highest mean Dice.
+``val/dice_lv``, ``val/hd95``); the best checkpoint is the one with the highest mean Dice (what ``ACDCDataModule`` declares it
+monitors).
 
 Every argument: ``--help``; the full configuration: ``--print_config``.
 """
@@ -15,7 +16,7 @@ from gcrf.data.acdc import ACDCDataModule
 from recipes.cli import recipe_main
 from recipes.presets import ACDC_FULL
 
-main = recipe_main(ACDCDataModule, ACDC_FULL, monitor="val/dice")
+main = recipe_main(ACDCDataModule, ACDC_FULL)
 
 if __name__ == "__main__":
     main()

@@ -14,91 +14,94 @@ TensorBoard logs and image grids go to ``--output_dir`` (``tensorboard --logdir 
 
 The runs are assembled the one way every recipe is: each is ``python -m recipes.synthetic`` with its
 flags (:mod:`recipes.runs`), so every run records its whole configuration (``config.yaml``, the
-checkpoint's and TensorBoard's hyperparameters) and can be repeated alone by its command line.
+checkpoint's and TensorBoard's hyperparameters) and can be repeated alone by its command line. The
+defaults are the recipe's: the demo passes only what makes its runs differ and what it is told
+(``--data``, ``--model``). The runs train side by side; each console line says which run it comes
+from (``[scribbles_gatedcrf] step 50/1000 | train/loss …``).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
-from jsonargparse import CLI
+from jsonargparse import CLI, ArgumentParser
 from rich.console import Console
 from rich.table import Table
 
+from gcrf.data.synthetic import SyntheticDataModule
 from recipes import presets
-from recipes.cli import configure_logging
-from recipes.runs import RunResult, RunSpec, cpu_trainer_flags, gap_closed, run_side_by_side
+from recipes.cli import command_line_args, configure_logging, model_settings
+from recipes.runs import RunResult, RunSpec, cpu_trainer_settings, gap_closed, run_side_by_side
 
 __all__ = ["SETTINGS", "demo", "gap_closed", "main"]
 
-#: The three runs: name, description and the flags that set their supervision.
-SETTINGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+#: The three runs: name, description and their supervision (settings of ``recipes.synthetic`` in
+#: gcrf's names).
+SETTINGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     (
         "full",
         "CE on dense masks",
-        ("--model.loss_cross_entropy_modality=semseg_dense", "--model.loss_gatedcrf=false"),
+        {"model.cross_entropy_modality": "semseg_dense", "model.gated_crf": False},
     ),
     (
         "scribbles",
         "CE on scribbles",
-        ("--model.loss_cross_entropy_modality=semseg_scribbles", "--model.loss_gatedcrf=false"),
+        {"model.cross_entropy_modality": "semseg_scribbles", "model.gated_crf": False},
     ),
     (
         "scribbles_gatedcrf",
         "CE on scribbles + Gated CRF",
-        ("--model.loss_cross_entropy_modality=semseg_scribbles", "--model.loss_gatedcrf=true"),
+        {"model.cross_entropy_modality": "semseg_scribbles", "model.gated_crf": True},
     ),
 )
 
 
+def _data_settings() -> set[str]:
+    """The arguments of ``--data.*`` in ``recipes.synthetic``: SyntheticDataModule's, with those
+    it forwards to its base class, as the command line resolves them."""
+    parser = ArgumentParser()
+    parser.add_class_arguments(SyntheticDataModule, "data")
+    return set(parser.get_defaults()["data"].as_dict())
+
+
+def _check_names(group: str, given: dict[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(
+            f"{group} has settings recipes.synthetic does not know: {unknown}; known: {sorted(known)}"
+        )
+
+
 def demo(
-    steps: int = presets.SYNTHETIC_STEPS,
+    steps: int = presets.SYNTHETIC["trainer.max_steps"],
     seed: int = 0,
-    image_size: int = 64,
-    num_classes: int = 4,
-    train_length: int = 1024,
-    val_length: int = 256,
-    batch_size: int = 8,
-    scribble_margin: float = presets.SYNTHETIC_SCRIBBLE_MARGIN,
-    model_name: str = "deeplabv3p",
-    model_encoder_name: str = presets.SYNTHETIC_ENCODER,
-    aspp_channels: int = presets.SYNTHETIC_ASPP_CHANNELS,
-    lr: float = presets.SYNTHETIC_LR,
-    gatedcrf_weight: float = presets.SYNTHETIC_GATEDCRF_WEIGHT,
-    gatedcrf_xy_sigma: float = 6.0,
-    gatedcrf_rgb_sigma: float = 0.1,
-    gatedcrf_radius: int = 5,
-    gatedcrf_resolution: int | None = None,
-    gatedcrf_use_after_progress_ratio: float = presets.SYNTHETIC_GATEDCRF_USE_AFTER,
     validations: int = 2,
+    data: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
     output_dir: str = "runs/demo",
     threads: int | None = None,
     workers: int | None = None,
 ) -> list[RunResult]:
     """Train the three demo runs and print the comparison table.
 
+    Every run is ``python -m recipes.synthetic`` with the settings of its supervision: the data,
+    the model and the loss are that recipe's (``recipes.presets.SYNTHETIC`` and the defaults of
+    ``SyntheticDataModule`` / ``SegmentationRecipe``), changed for all three runs by ``data`` and
+    ``model``.
+
     Args:
-        steps: training steps of every run (the same budget for all three).
+        steps: training steps of every run (the same budget for all three; default: the synthetic
+            recipe's).
         seed: seed of the data, the initialisation and the batch order (shared by the runs).
-        image_size: side of the procedural scenes.
-        num_classes: classes including the background.
-        train_length: number of training scenes.
-        val_length: number of validation scenes.
-        batch_size: training batch size.
-        scribble_margin: least distance in pixels of scribbles and clicks to any boundary: the
-            band the weak labels leave open and the image edges have to fill.
-        model_name: architecture in ``gcrf.models``.
-        model_encoder_name: timm encoder (trained from scratch: no download).
-        aspp_channels: width of the ASPP and decoder (256 in the paper; 64 keeps the demo fast).
-        lr: Adam learning rate (polynomial decay, power 0.9).
-        gatedcrf_weight: weight of the Gated CRF term.
-        gatedcrf_xy_sigma: σ of the position kernel (prediction pixels).
-        gatedcrf_rgb_sigma: σ of the colour kernel (normalised RGB units).
-        gatedcrf_radius: window radius.
-        gatedcrf_resolution: side of the probability map the loss sees (default: stride 4).
-        gatedcrf_use_after_progress_ratio: share of the steps before the Gated CRF term is on.
         validations: number of validations per run (the last one is reported).
+        data: settings of ``SyntheticDataModule`` for the three runs, e.g. ``{image_size: 32,
+            train_length: 256, scribble_margin: 3}``.
+        model: settings of the recipe's model for the three runs, by gcrf's names, e.g.
+            ``{gated_crf_weight: 0.5, gated_crf_kernels: [{weight: 1, xy: 4, rgb: 0.1}],
+            optimizer_kwargs: {lr: 0.001}}`` (``python -m recipes.synthetic --help`` lists them,
+            under their command-line names).
         output_dir: where each run writes its logs, configuration and checkpoints
             (``<output_dir>/<run>``).
         threads: torch CPU threads per run (default: the cores shared out between the runs).
@@ -108,42 +111,32 @@ def demo(
     Returns:
         One :class:`~recipes.runs.RunResult` per run (``.miou``, ``.checkpoint``, ``.log_dir``).
     """
-    resolution = "null" if gatedcrf_resolution is None else gatedcrf_resolution
-    common = (
-        f"--seed_everything={seed}",
-        f"--data.seed={seed}",
-        f"--data.num_classes={num_classes}",
-        f"--data.image_size={image_size}",
-        f"--data.train_length={train_length}",
-        f"--data.val_length={val_length}",
-        f"--data.batch_size={batch_size}",
-        f"--data.scribble_margin={scribble_margin}",
-        f"--model.model_name={model_name}",
-        f"--model.model_encoder_name={model_encoder_name}",
-        "--model.model_pretrained=false",
-        f"--model.model_kwargs={{aspp_channels: {aspp_channels}}}",
-        "--model.optimizer=adam",
-        f"--model.optimizer_kwargs={{lr: {lr}}}",
-        f"--model.loss_gatedcrf_weight={gatedcrf_weight}",
-        f"--model.loss_gatedcrf_kernels_desc=[{{weight: 1.0, xy: {gatedcrf_xy_sigma}, "
-        f"rgb: {gatedcrf_rgb_sigma}}}]",
-        f"--model.loss_gatedcrf_radius={gatedcrf_radius}",
-        f"--model.loss_gatedcrf_resolution={resolution}",
-        f"--model.loss_gatedcrf_use_after_progress_ratio={gatedcrf_use_after_progress_ratio}",
-        *cpu_trainer_flags(steps, validations),
-        "--trainer.enable_model_summary=false",
-        f"--trainer.log_every_n_steps={max(1, steps // 50)}",
-        f"--visualization.num_batches_visualization_first={max(1, steps // 10)}",
-        f"--visualization.num_batches_visualization_step={max(1, steps // 2)}",
-    )
+    data, model = dict(data or {}), dict(model or {})
+    _check_names("data", data, _data_settings())
+    _check_names("model", model, set(model_settings()))
+    common = {
+        "seed_everything": seed,
+        "data.seed": seed,
+        **{f"data.{name}": value for name, value in data.items()},
+        **{f"model.{name}": value for name, value in model.items()},
+        **cpu_trainer_settings(steps, validations),
+        "trainer.enable_model_summary": False,
+        "trainer.log_every_n_steps": max(1, steps // 50),
+        "visualization.num_batches_visualization_first": max(1, steps // 10),
+        "visualization.num_batches_visualization_step": max(1, steps // 2),
+    }
     specs = [
         RunSpec(
             name,
             description,
             "recipes.synthetic",
-            (*common, *flags, f"--trainer.default_root_dir={output_dir}/{name}"),
+            tuple(
+                command_line_args(
+                    {**common, **supervision, "trainer.default_root_dir": f"{output_dir}/{name}"}
+                )
+            ),
         )
-        for name, description, flags in SETTINGS
+        for name, description, supervision in SETTINGS
     ]
     console = Console()
     console.print(

@@ -1,13 +1,20 @@
-"""The paper's defaults per dataset and supervision, as dotted LightningCLI argument names.
+"""The paper's defaults per dataset and supervision, as dotted settings in gcrf's names.
 
 One home for the settings the recipe modules compose: ``python -m recipes.voc_scribbles`` is
-``run_recipe(VOCDataModule, VOC_SCRIBBLES)``. Any of them can be overridden on the command line or in
-a ``--config`` file; ``--print_config`` shows the result.
+``run_recipe(VOCDataModule, VOC_SCRIBBLES)``. Keys are LightningCLI's groups (``data.``,
+``model.``, ``trainer.``) with gcrf's setting names; :func:`recipes.cli.command_line_key` gives
+each one's command-line name (``model.gated_crf_weight`` is ``--model.loss_gatedcrf_weight``). Any of
+them can be overridden on the command line or in a ``--config`` file; ``--print_config`` shows the
+result.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from gcrf.data.acdc import ACDCDataModule
+from gcrf.loss import DEFAULT_KERNELS
+from gcrf.loss.functional import POSITION_KEYS
 
 __all__ = [
     "ACDC",
@@ -17,17 +24,11 @@ __all__ = [
     "CITYSCAPES_CLICKS",
     "CITYSCAPES_FULL",
     "SYNTHETIC",
-    "SYNTHETIC_ASPP_CHANNELS",
-    "SYNTHETIC_ENCODER",
-    "SYNTHETIC_GATEDCRF_USE_AFTER",
-    "SYNTHETIC_GATEDCRF_WEIGHT",
-    "SYNTHETIC_LR",
-    "SYNTHETIC_SCRIBBLE_MARGIN",
-    "SYNTHETIC_STEPS",
     "VOC",
     "VOC_CLICKS",
     "VOC_FULL",
     "VOC_SCRIBBLES",
+    "published_kernels",
     "weak_supervision",
 ]
 
@@ -35,10 +36,27 @@ __all__ = [
 def weak_supervision(modality: str) -> dict[str, Any]:
     """Cross entropy on a weak modality with class weights, plus the Gated CRF loss (the paper)."""
     return {
-        "model.loss_cross_entropy_modality": modality,
-        "model.loss_cross_entropy_class_weights": True,
-        "model.loss_gatedcrf": True,
+        "model.cross_entropy_modality": modality,
+        "model.cross_entropy_class_weights": True,
+        "model.gated_crf": True,
     }
+
+
+def published_kernels(image_modality: str) -> list[dict[str, float]]:
+    """The published kernel (:data:`gcrf.loss.DEFAULT_KERNELS`) with its appearance term on the
+    modality a data module declares as its image (``image_modality``).
+
+    Example:
+        >>> published_kernels("intensity")
+        [{'weight': 1.0, 'xy': 6.0, 'intensity': 0.1}]
+    """
+    return [
+        {
+            key if key == "weight" or key in POSITION_KEYS.values() else image_modality: value
+            for key, value in kernel.items()
+        }
+        for kernel in DEFAULT_KERNELS
+    ]
 
 
 #: Pascal VOC 2012 + SBD: the published example command (crop 256, batch 48, Gated CRF at 64×64,
@@ -49,9 +67,9 @@ VOC: dict[str, Any] = {
     "data.augmentation.validation_center_crop_size": 512,
     "data.batch_size": 48,
     "data.batch_size_validation": 8,
-    "model.loss_gatedcrf_resolution": 64,
+    "model.gated_crf_resolution": 64,
 }
-VOC_FULL: dict[str, Any] = {**VOC, "model.loss_cross_entropy_modality": "semseg_dense"}
+VOC_FULL: dict[str, Any] = {**VOC, "model.cross_entropy_modality": "semseg_dense"}
 VOC_SCRIBBLES: dict[str, Any] = {**VOC, **weak_supervision("semseg_scribbles")}
 #: Clicks need no ScribbleSup download.
 VOC_CLICKS: dict[str, Any] = {
@@ -66,39 +84,30 @@ CITYSCAPES: dict[str, Any] = {
     "data.augmentation.validation_center_crop": False,
     "data.batch_size": 16,
     "data.batch_size_validation": 2,
-    "model.loss_gatedcrf_resolution": 128,
+    "model.gated_crf_resolution": 128,
 }
 CITYSCAPES_FULL: dict[str, Any] = {
     **CITYSCAPES,
-    "model.loss_cross_entropy_modality": "semseg_dense",
+    "model.cross_entropy_modality": "semseg_dense",
     "data.clicks": False,
 }
 CITYSCAPES_CLICKS: dict[str, Any] = {**CITYSCAPES, **weak_supervision("semseg_clicks")}
 
 #: Procedural scenes on a CPU: a small network from scratch, Adam, a short schedule, and scribbles
-#: 5 px away from every boundary (the band the Gated CRF loss has to fill from the image edges).
-#: ``recipes.demo`` takes its defaults from these values too.
-SYNTHETIC_ENCODER = "mobilenetv3_small_050"
-SYNTHETIC_ASPP_CHANNELS = 64
-SYNTHETIC_LR = 3e-3
-SYNTHETIC_SCRIBBLE_MARGIN = 5.0
-SYNTHETIC_GATEDCRF_WEIGHT = 1.0
-SYNTHETIC_GATEDCRF_USE_AFTER = 0.05
-SYNTHETIC_STEPS = 1000
-
-#: Supervision by flag: ``--model.loss_cross_entropy_modality semseg_scribbles
-#: --model.loss_gatedcrf true``.
+#: 5 px away from every boundary (the band the Gated CRF loss has to fill from the image edges);
+#: supervision by flag: ``--model.loss_cross_entropy_modality semseg_scribbles
+#: --model.loss_gatedcrf true``. ``recipes.demo`` trains three runs of it.
 SYNTHETIC: dict[str, Any] = {
-    "model.model_encoder_name": SYNTHETIC_ENCODER,
+    "model.model_encoder_name": "mobilenetv3_small_050",
     "model.model_pretrained": False,
-    "model.model_kwargs": {"aspp_channels": SYNTHETIC_ASPP_CHANNELS},
+    "model.model_kwargs": {"aspp_channels": 64},
     "model.optimizer": "adam",
-    "model.optimizer_kwargs": {"lr": SYNTHETIC_LR},
-    "data.scribble_margin": SYNTHETIC_SCRIBBLE_MARGIN,
-    "model.loss_gatedcrf_weight": SYNTHETIC_GATEDCRF_WEIGHT,
-    "model.loss_gatedcrf_use_after_progress_ratio": SYNTHETIC_GATEDCRF_USE_AFTER,
-    "trainer.max_steps": SYNTHETIC_STEPS,
-    "trainer.val_check_interval": SYNTHETIC_STEPS // 4,
+    "model.optimizer_kwargs": {"lr": 3e-3},
+    "data.scribble_margin": 5.0,
+    "model.gated_crf_weight": 1.0,
+    "model.gated_crf_use_after_progress_ratio": 0.05,
+    "trainer.max_steps": 1000,
+    "trainer.val_check_interval": 250,
     "trainer.accelerator": "cpu",
 }
 
@@ -122,20 +131,21 @@ ACDC: dict[str, Any] = {
 #: Full supervision as WSL4MIS trains it: 0.5 · (CE + Dice) on the dense labels.
 ACDC_FULL: dict[str, Any] = {
     **ACDC,
-    "model.loss_cross_entropy_modality": "semseg_dense",
-    "model.loss_cross_entropy_weight": 0.5,
-    "model.loss_dice_weight": 0.5,
+    "model.cross_entropy_modality": "semseg_dense",
+    "model.cross_entropy_weight": 0.5,
+    "model.dice_weight": 0.5,
 }
 #: Partial CE on the scribbles + the Gated CRF loss on full-resolution probabilities (weight 0.1,
-#: ``{"weight": 1, "xy": 6, "rgb": 0.1}`` on the [0, 1] intensities, radius 5, from the first step);
+#: the published kernel — WSL4MIS's ``{"weight": 1, "xy": 6, "rgb": 0.1}`` — on the [0, 1]
+#: intensities, which ACDC names ``intensity``; radius 5, from the first step);
 #: ``--model.loss_gatedcrf false`` trains partial CE alone.
 ACDC_SCRIBBLES: dict[str, Any] = {
     **ACDC,
-    "model.loss_cross_entropy_modality": "semseg_scribbles",
-    "model.loss_gatedcrf": True,
-    "model.loss_gatedcrf_weight": 0.1,
-    "model.loss_gatedcrf_kernels_desc": [{"weight": 1.0, "xy": 6.0, "rgb": 0.1}],
-    "model.loss_gatedcrf_radius": 5,
-    "model.loss_gatedcrf_resolution": None,
-    "model.loss_gatedcrf_use_after_progress_ratio": 0.0,
+    "model.cross_entropy_modality": "semseg_scribbles",
+    "model.gated_crf": True,
+    "model.gated_crf_weight": 0.1,
+    "model.gated_crf_kernels": published_kernels(ACDCDataModule.image_modality),
+    "model.gated_crf_radius": 5,
+    "model.gated_crf_resolution": None,
+    "model.gated_crf_use_after_progress_ratio": 0.0,
 }

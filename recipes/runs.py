@@ -2,26 +2,39 @@
 
 A run is a recipe module and its command line (``RunSpec``), so a comparison assembles its runs the
 one way every recipe does (LightningCLI: the whole configuration in ``config.yaml``, checkpoints
-and TensorBoard hyperparameters) and only chooses the flags. :func:`run_side_by_side` trains them in
-worker processes (spawned, one torch thread each by default) and returns the final validation
-metrics of each.
+and TensorBoard hyperparameters) and only chooses the settings (in gcrf's names, turned into flags
+by :func:`recipes.cli.command_line_args`). :func:`run_side_by_side` trains them in worker
+processes (spawned, one torch thread each by default) and returns the final validation metrics of
+each. The runs share one console: every line a run logs starts with its name (``[full] step
+50/1000 | train/loss …``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import multiprocessing
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-__all__ = ["RunResult", "RunSpec", "cpu_trainer_flags", "gap_closed", "run_side_by_side"]
+from recipes.cli import CONSOLE_HANDLER, configure_logging
+
+__all__ = [
+    "RunResult",
+    "RunSpec",
+    "cpu_trainer_settings",
+    "gap_closed",
+    "labelled_console",
+    "run_side_by_side",
+]
 
 
 @dataclass(frozen=True)
@@ -52,17 +65,22 @@ class RunResult:
         return self.metrics.get("val/mIoU", float("nan"))
 
 
-def cpu_trainer_flags(steps: int, validations: int) -> tuple[str, ...]:
-    """Trainer flags of a short run on one CPU: ``steps`` steps, ``validations`` validations
-    (the last one at the end), no sanity check, no progress bar (the runs share one terminal)."""
-    return (
-        f"--trainer.max_steps={steps}",
-        f"--trainer.val_check_interval={max(1, steps // validations)}",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        "--trainer.num_sanity_val_steps=0",
-        "--trainer.enable_progress_bar=false",
-    )
+def cpu_trainer_settings(steps: int, validations: int) -> dict[str, Any]:
+    """Trainer settings of a short run on one CPU: ``steps`` steps, ``validations`` validations
+    (the last one at the end), no sanity check, no progress bar (the runs share one terminal).
+
+    Example:
+        >>> cpu_trainer_settings(100, 4)["trainer.val_check_interval"]
+        25
+    """
+    return {
+        "trainer.max_steps": steps,
+        "trainer.val_check_interval": max(1, steps // validations),
+        "trainer.accelerator": "cpu",
+        "trainer.devices": 1,
+        "trainer.num_sanity_val_steps": 0,
+        "trainer.enable_progress_bar": False,
+    }
 
 
 def gap_closed(full: float, weak: float, weak_with_loss: float) -> float:
@@ -76,19 +94,50 @@ def gap_closed(full: float, weak: float, weak_with_loss: float) -> float:
     return float("nan") if gap <= 0 else (weak_with_loss - weak) / gap
 
 
-def _quiet() -> None:
-    """The comparison's own table is the output; keep Lightning's advice out of the way."""
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", module="lightning")
-    warnings.filterwarnings("ignore", module="monai")
+#: Lightning's loggers: their messages of a run go to the run's labelled console.
+_LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+
+
+@contextlib.contextmanager
+def labelled_console(run: str) -> Iterator[None]:
+    """Within the block, every line logged to the console starts with ``[run]``.
+
+    gcrf's lines (the progress) and Lightning's messages from WARNING up go through the one console
+    handler of :func:`recipes.cli.configure_logging`, labelled; Lightning's INFO lines (devices,
+    seeds) and its warnings (advice for interactive use) are left out: the comparison's table is
+    the output. Everything is restored on exit, so runs in one process (``workers=1``) label their
+    own lines.
+    """
+    configure_logging()
+    console = [h for h in logging.getLogger("gcrf").handlers if h.get_name() == CONSOLE_HANDLER]
+    formatters = [h.formatter for h in console]
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
+    saved = [(lg.level, list(lg.handlers), lg.propagate) for lg in loggers]
+    configure_logging(run)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="lightning")
+            for logger in loggers:
+                logger.setLevel(logging.WARNING)
+                if console:  # not when the user's own handlers hold the gcrf logger
+                    logger.handlers[:] = console
+                    logger.propagate = False
+            yield
+    finally:
+        for logger, (level, handlers, propagate) in zip(loggers, saved, strict=True):
+            logger.setLevel(level)
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+        for handler, formatter in zip(console, formatters, strict=True):
+            handler.setFormatter(formatter)
 
 
 def _run(spec: RunSpec, threads: int) -> RunResult:
     torch.set_num_threads(threads)
-    _quiet()
     main = importlib.import_module(spec.recipe).main
     start = time.monotonic()
-    cli = main(list(spec.args))
+    with labelled_console(spec.name):
+        cli = main(list(spec.args))
     seconds = time.monotonic() - start
     metrics = {
         key: float(value)

@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from gcrf.conventions import IGNORE_INDEX
 from gcrf.data.acdc import (
@@ -298,6 +299,112 @@ def test_volume_scores_match_naive_dice_and_a_known_hd95() -> None:
     )
 
 
+def _naive_surface(mask: np.ndarray) -> np.ndarray:
+    """Voxels of the mask with a face neighbour outside it or outside the array."""
+    padded = np.pad(mask, 1, constant_values=False)
+    inner = np.ones_like(mask)
+    for axis in range(mask.ndim):
+        for step in (-1, 1):
+            inner &= np.roll(padded, step, axis)[tuple(slice(1, -1) for _ in mask.shape)]
+    return mask & ~inner
+
+
+def _naive_directed(a: np.ndarray, b: np.ndarray, spacing) -> np.ndarray:
+    """float64 distance of every surface voxel of ``a`` to the nearest surface voxel of ``b``."""
+    pa = np.argwhere(_naive_surface(a)) * np.asarray(spacing, dtype=np.float64)
+    pb = np.argwhere(_naive_surface(b)) * np.asarray(spacing, dtype=np.float64)
+    return np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1)).min(1)
+
+
+def _blobs(rng: np.random.Generator, shape, num_classes: int) -> np.ndarray:
+    """Smooth random label volumes: network-like regions with ragged boundaries."""
+    from scipy import ndimage
+
+    fields = ndimage.gaussian_filter(rng.standard_normal((num_classes, *shape)), (0, 1, 1.5, 1.5))
+    return fields.argmax(0)
+
+
+# A far-away false positive: a few prediction surface voxels lie far from the reference, so the
+# 95th percentile of the prediction→reference direction alone is large while that of both
+# directions pooled is not — the case where medpy's HD95 and the max of the directed ones differ.
+def _cube_and_far_blob() -> tuple[torch.Tensor, torch.Tensor]:
+    reference = torch.zeros(6, 24, 24, dtype=torch.long)
+    reference[1:5, 4:14, 4:14] = 1
+    prediction = reference.clone()
+    prediction[1:5, 4:14, 12:15] = 1  # boundary error of one column
+    prediction[2:4, 19:22, 19:22] = 1  # false positive far away
+    return prediction, reference
+
+
+@pytest.mark.parametrize("spacing", [None, (5.0, 1.25, 1.25), (1.0, 0.7, 1.9)])
+def test_hd95_and_dice_are_medpys_on_random_volumes(spacing) -> None:
+    from medpy.metric.binary import dc, hd95
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(4):
+        reference = _blobs(rng, (5, 19, 23), 4)
+        prediction = _blobs(rng, (5, 19, 23), 4)
+        prediction = np.where(rng.random(reference.shape) < 0.7, reference, prediction)
+        dice, distance = score_volume(
+            torch.from_numpy(prediction), torch.from_numpy(reference), 4, spacing
+        )
+        for k, label in enumerate((1, 2, 3)):
+            p, r = prediction == label, reference == label
+            assert dice[k].item() == pytest.approx(dc(p, r), abs=1e-6)
+            assert distance[k].item() == pytest.approx(hd95(p, r, voxelspacing=spacing), rel=1e-12)
+            checked += 1
+    assert checked == 12
+    prediction, reference = _cube_and_far_blob()
+    _, distance = score_volume(prediction, reference, 2, spacing)
+    expected = hd95(prediction.numpy() == 1, reference.numpy() == 1, voxelspacing=spacing)
+    assert distance.item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (3.0, 1.0, 0.5)])
+def test_both_hd95_definitions_match_a_naive_float64_reference(spacing) -> None:
+    rng = np.random.default_rng(1)
+    cases = [_cube_and_far_blob()]
+    for _ in range(3):
+        reference = _blobs(rng, (4, 9, 11), 3)
+        cases.append((torch.from_numpy(_blobs(rng, (4, 9, 11), 3)), torch.from_numpy(reference)))
+    differ = 0
+    for prediction, reference in cases:
+        pooled = score_volume(prediction, reference, 3 if prediction.max() > 1 else 2, spacing)[1]
+        directed = score_volume(
+            prediction, reference, 3 if prediction.max() > 1 else 2, spacing, "directed_max"
+        )[1]
+        for k in range(len(pooled)):
+            p, r = prediction.numpy() == k + 1, reference.numpy() == k + 1
+            forward, backward = _naive_directed(p, r, spacing), _naive_directed(r, p, spacing)
+            naive_pooled = np.percentile(np.concatenate([forward, backward]), 95)
+            naive_directed = max(np.percentile(forward, 95), np.percentile(backward, 95))
+            assert pooled[k].item() == pytest.approx(naive_pooled, rel=1e-12)
+            assert directed[k].item() == pytest.approx(naive_directed, rel=1e-12)
+            differ += not math.isclose(naive_pooled, naive_directed)
+    assert differ >= 2  # the two definitions really are different numbers on these volumes
+    prediction, reference = _cube_and_far_blob()
+    assert (
+        score_volume(prediction, reference, 2)[1].item()
+        < score_volume(prediction, reference, 2, hd95_definition="directed_max")[1].item()
+    )
+    with pytest.raises(ValueError, match=r"hd95_definition must be one of .*'medpy'"):
+        score_volume(prediction, reference, 2, hd95_definition="medpy")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="hd95_definition"):
+        VolumeScores(["background", "a"], hd95_definition="max")  # type: ignore[arg-type]
+
+
+def test_volume_scores_carry_the_hd95_definition() -> None:
+    prediction, reference = _cube_and_far_blob()
+    for definition in ("pooled", "directed_max"):
+        scores = VolumeScores(
+            ["background", "a"], spacing=(2.0, 1.0, 1.0), hd95_definition=definition
+        )
+        scores.update(prediction, reference)
+        expected = score_volume(prediction, reference, 2, (2.0, 1.0, 1.0), definition)[1]
+        assert scores.compute()["hd95"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 # ----------------------------------------------------------------------------------- recipes
 def _short(tmp_path: Path) -> list[str]:
     return [
@@ -312,6 +419,7 @@ def _short(tmp_path: Path) -> list[str]:
         "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=2",
         "--trainer.num_sanity_val_steps=0",
+        "--trainer.log_every_n_steps=1",
         f"--trainer.default_root_dir={tmp_path / 'run'}",
     ]
 
@@ -342,6 +450,28 @@ def test_acdc_recipes_train_on_a_fake_tree(tmp_path, tree, recipe, extra, gated_
     assert 0.0 <= float(metrics["val/dice"]) <= 1.0
     best = cli.trainer.checkpoint_callback
     assert best.monitor == "val/dice" and best.best_model_path
+
+
+def test_acdc_declares_volumes_dice_and_intensities_and_its_kernel_follows(tmp_path, tree) -> None:
+    """What ACDCDataModule declares reaches the module and the callbacks; a kernel on the
+    natural images' ``rgb`` is refused before training, naming the modality to use."""
+    import recipes.acdc_scribbles
+    from recipes.presets import ACDC_SCRIBBLES
+
+    assert (ACDCDataModule.validation_kind, ACDCDataModule.monitor) == ("volumes", "val/dice")
+    assert ACDCDataModule.monitor_mode == "max" and ACDCDataModule.image_modality == "intensity"
+    assert ACDC_SCRIBBLES["model.gated_crf_kernels"] == [
+        {"weight": 1.0, "xy": 6.0, "intensity": 0.1}
+    ]
+    root, _ = tree
+    with pytest.raises(ValueError, match=r"\['rgb'\].*image_modality='intensity'"):
+        recipes.acdc_scribbles.main(
+            [
+                f"--data.root={root}",
+                *_short(tmp_path),
+                "--model.loss_gatedcrf_kernels_desc=[{weight: 1, xy: 6, rgb: 0.1}]",
+            ]
+        )
 
 
 def test_volume_validation_scores_the_slice_by_slice_prediction(tmp_path, tree) -> None:
@@ -377,7 +507,7 @@ def test_acdc_compare_runs_the_three_settings(tmp_path, tree, capsys) -> None:
             "--steps=2",
             "--image_size=32",
             "--batch_size=2",
-            "--encoder=resnet10t",
+            "--model_encoder_name=resnet10t",
             "--decoder_channels=[16, 16, 8, 8, 8, 8]",
             f"--output_dir={tmp_path / 'runs'}",
             "--workers=1",
@@ -387,6 +517,16 @@ def test_acdc_compare_runs_the_three_settings(tmp_path, tree, capsys) -> None:
     assert all(r.steps == 2 and 0 <= r.metrics["val/dice"] <= 1 for r in results)
     printed = capsys.readouterr().out
     assert "closes" in printed and "pce_gatedcrf" in printed
+    progress = [line for line in printed.splitlines() if "step 2/2 |" in line]
+    assert sorted(line.split()[1] for line in progress) == ["[full]", "[pce]", "[pce_gatedcrf]"]
+    # The Gated CRF run's kernel: the recipe's, σ_xy scaled from 256² to 32², on "intensity".
+    config = yaml.safe_load(
+        next((tmp_path / "runs" / "pce_gatedcrf").rglob("config.yaml")).read_text()
+    )
+    assert config["model"]["loss_gatedcrf_kernels_desc"] == [
+        {"weight": 1.0, "xy": 0.75, "intensity": 0.1}
+    ]
+    assert config["model"]["loss_gatedcrf_radius"] == 1
     # Each run went through its recipe: its configuration is on disk.
     assert len(list((tmp_path / "runs").rglob("config.yaml"))) == 3
 

@@ -2,8 +2,8 @@
 
 ``published_gated_crf`` is the published unfold formulation, written out once in
 ``benchmarks/unfold_reference.py`` (also the benchmark's baseline). Known, deliberate difference
-(README): without ``mask_src`` its value is larger by a y-independent constant; with ``mask_src``
-they agree.
+(docs/math.md#published-differences): without ``mask_src`` its value is larger by a y-independent
+constant; with ``mask_src`` they agree.
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ def test_wsl4mis_call_with_the_image_tensor_as_sample() -> None:
     kernels = [{"weight": 1, "xy": 6, "rgb": 0.1}]
     out = ModelLossSemsegGatedCRF()(outputs_soft, kernels, 5, image, 20, 18)["loss"]
     # Published formula on the tensor; without mask_src it carries the published constant
-    # Σ K towards out-of-image pixels (README), so compare gradients, and values up to that term.
+    # Σ K towards out-of-image pixels (docs/math.md#published-differences), so compare gradients,
+    # and values up to that term.
     expected, _ = published_gated_crf(outputs_soft, kernels, 5, image)
     (grad,) = torch.autograd.grad(out, logits, retain_graph=True)
     (expected_grad,) = torch.autograd.grad(expected, logits)

@@ -88,8 +88,7 @@ def test_training_results_loads_a_demo_checkpoint(tmp_path, monkeypatch) -> None
     results = demo.main(
         [
             "--steps=1",
-            "--train_length=8",
-            "--val_length=2",
+            "--data={train_length: 8, val_length: 2}",
             "--validations=1",
             "--workers=1",
             f"--output_dir={tmp_path}",

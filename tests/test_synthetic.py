@@ -103,7 +103,7 @@ def test_rasterised_weak_labels_never_disagree_with_the_dense_mask() -> None:
 def test_weak_label_coverage() -> None:
     """Scribbles reach almost every object and cover a few % of the pixels; clicks one point each.
 
-    Measured on 40 scenes of 64×64 with stroke width 1 (reported in the README): scribbles label
+    Measured on 40 scenes of 64×64 with stroke width 1: scribbles label
     about 2.5 % of the pixels and ≥ 90 % of the visible object parts; clicks about 0.1 %.
     """
     datamodule = SyntheticDataModule(

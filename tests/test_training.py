@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 from typing import NamedTuple
 
 import lightning.pytorch as pl
@@ -54,17 +56,19 @@ class TinyNet(nn.Module):
 
 
 class RecordingLoss(nn.Module):
-    """Stands in for GatedCRFLoss: records when and on what size it is called."""
+    """Stands in for GatedCRFLoss: records when, on what size and with which modalities it is
+    called."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple[int, tuple[int, ...]]] = []
+        self.modalities: set[str] = set()
         self.step = lambda: -1
 
     def forward(self, probs, features, mask_src=None, mask_dst=None):
-        assert set(features) == {"rgb"}
         assert mask_src is not None and mask_src.shape[1] == 1
         self.calls.append((self.step(), tuple(probs.shape)))
+        self.modalities |= set(features)
         return probs.sum() * 0.0 + 1.0
 
 
@@ -92,6 +96,7 @@ def _trainer(tmp_path, max_steps: int, **kwargs) -> pl.Trainer:
         "enable_checkpointing": False,
         "enable_progress_bar": False,
         "enable_model_summary": False,
+        "log_every_n_steps": 1,
     }
     settings.update(kwargs)
     return pl.Trainer(**settings)
@@ -167,6 +172,68 @@ def test_warmup_switches_on_at_the_right_step_and_loss_sees_the_resolution(
     steps = [step for step, _ in recorder.calls]
     assert steps == [3, 4, 5]  # floor(0.5 · 6) = 3: off for steps 0, 1, 2
     assert {shape for _, shape in recorder.calls} == {(4, 4, *expected)}
+    assert recorder.modalities == {"rgb"}  # what SyntheticDataModule declares its image to be
+
+
+class IntensityScenes(SyntheticDataModule):
+    """Procedural scenes declared as another modality (as ACDC declares its MR intensities)."""
+
+    image_modality = "intensity"
+
+
+def test_the_gated_crf_loss_gets_the_image_under_the_declared_modality(tmp_path) -> None:
+    recorder = RecordingLoss()
+    module = SegmentationModule(
+        TinyNet(), 4, gated_crf=recorder, gated_crf_use_after_progress_ratio=0.0
+    )
+    _trainer(tmp_path, 2, limit_val_batches=0).fit(
+        module, IntensityScenes(image_size=32, train_length=8, val_length=2, batch_size=4)
+    )
+    assert recorder.modalities == {"intensity"} and module.image_modality == "intensity"
+
+
+def test_kernels_on_another_modality_than_the_image_fail_at_setup(tmp_path) -> None:
+    module = SegmentationModule(
+        TinyNet(), 4, gated_crf=GatedCRFLoss([{"weight": 1.0, "xy": 6.0, "intensity": 0.1}], 2)
+    )
+    with pytest.raises(ValueError, match=r"\['intensity'\].*image_modality='rgb'"):
+        _trainer(tmp_path, 1).fit(module, _datamodule())
+
+
+def test_validation_follows_what_the_data_module_declares(tmp_path) -> None:
+    class DeclaresVolumes(SyntheticDataModule):
+        validation_kind = "volumes"
+
+    class DeclaresNonsense(SyntheticDataModule):
+        validation_kind = "slices"
+
+    settings = {"image_size": 32, "train_length": 4, "val_length": 2, "batch_size_validation": 2}
+    with pytest.raises(ValueError, match=r"validation_kind='volumes'.*N×C×Z×H×W.*\(2, 3, 32, 32\)"):
+        _trainer(tmp_path, 1).validate(
+            SegmentationModule(TinyNet(), 4), DeclaresVolumes(**settings)
+        )
+    with pytest.raises(ValueError, match=r"validation_kind must be one of .*'slices'"):
+        _trainer(tmp_path, 1).validate(
+            SegmentationModule(TinyNet(), 4), DeclaresNonsense(**settings)
+        )
+
+
+def test_callbacks_get_the_detached_output_and_nothing_outlives_the_step(tmp_path) -> None:
+    seen: list = []
+
+    class Keep(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            output = outputs["output"]
+            seen.append(
+                (weakref.ref(batch["image"]), output.high.requires_grad, tuple(output.high.shape))
+            )
+
+    module = SegmentationModule(TinyNet(), 4)
+    _trainer(tmp_path, 3, limit_val_batches=0, callbacks=[Keep()]).fit(module, _datamodule())
+    assert [(grad, shape) for _, grad, shape in seen] == [(False, (4, 4, 32, 32))] * 3
+    gc.collect()
+    # The module keeps no batch: every one is gone once training is over.
+    assert all(ref() is None for ref, _, _ in seen)
 
 
 # ------------------------------------------------------------------------------- objective
@@ -306,6 +373,11 @@ def test_validation_miou_matches_a_naive_computation(tmp_path) -> None:
 
 
 # ----------------------------------------------------------------------------------- resume
+# The recipes checkpoint where validation runs, mid-epoch; resumed, the epoch's batches start
+# afresh (the shuffle is seeded, the loader keeps no position), which Lightning points out. The
+# resumed trainer writes into the first one's checkpoint folder on purpose.
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch")
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_resume_from_checkpoint_restores_step_lr_and_best_metric(tmp_path) -> None:
     def make():
         torch.manual_seed(0)
@@ -477,6 +549,9 @@ def test_module_rejects_bad_arguments() -> None:
         SegmentationModule(TinyNet(), 4, class_weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="ratio"):
         SegmentationModule(TinyNet(), 4, gated_crf_use_after_progress_ratio=1.5)
+    for resolution in (0, (8,), (8, 0), 2.5, "64"):
+        with pytest.raises(ValueError, match=r"gated_crf_resolution must be .*got"):
+            SegmentationModule(TinyNet(), 4, gated_crf_resolution=resolution)
     with pytest.raises(ValueError, match="num_batches_visualization_step"):
         SegmentationVisualizer(num_batches_visualization_step=0)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -38,6 +38,7 @@ __all__ = [
     "MODALITIES",
     "ImageFileDataset",
     "TransformedDataset",
+    "ValidationKind",
     "WeakSegmentationDataModule",
     "class_weights",
 ]
@@ -59,6 +60,11 @@ DATASETS_DIR = _datasets_dir()
 
 #: Label modalities of a sample (defined in :mod:`gcrf.conventions`).
 MODALITIES: tuple[str, ...] = LABEL_MODALITIES
+
+#: What a data module's validation loader serves: ``"images"`` (N×C×H×W batches of the sample
+#: contract, scored by mIoU) or ``"volumes"`` (one whole 1×C×Z×H×W volume per batch with its
+#: Z×H×W ``semseg_dense``, predicted slice by slice and scored by 3D Dice and HD95).
+ValidationKind = Literal["images", "volumes"]
 
 
 def class_weights(histogram: torch.Tensor | Sequence[float]) -> torch.Tensor:
@@ -184,7 +190,10 @@ class WeakSegmentationDataModule(pl.LightningDataModule):
 
     Subclasses set ``num_classes``, ``class_names`` and ``palette`` and implement
     :meth:`build_datasets`. Everything else — augmentation, loaders, seeding, the label histogram —
-    lives here once.
+    lives here once. What the training module reads is declared beside them: ``validation_kind``
+    (what the validation loader serves), ``monitor`` / ``monitor_mode`` (the validation metric that
+    picks the best checkpoint) and ``image_modality`` (what the network input is, by the name the
+    Gated CRF kernels give it); the defaults here are those of the image datasets.
 
     Args:
         augmentation: augmentation settings (published ``aug_*`` flags); ``None``: the defaults of
@@ -199,6 +208,14 @@ class WeakSegmentationDataModule(pl.LightningDataModule):
     num_classes: int
     class_names: Sequence[str]
     palette: torch.Tensor
+    #: What the validation loader serves (:data:`ValidationKind`): batches of images here.
+    validation_kind: ValidationKind = "images"
+    #: The validation metric of the best checkpoint, and whether higher (``"max"``) is better.
+    monitor: str = "val/mIoU"
+    monitor_mode: Literal["min", "max"] = "max"
+    #: The network input as a Gated CRF modality: ``"rgb"``, the ImageNet-normalised RGB image (the
+    #: key of the published kernels, :data:`gcrf.loss.DEFAULT_KERNELS`, σ in normalised units).
+    image_modality: str = "rgb"
 
     def __init__(
         self,

@@ -6,6 +6,9 @@ One module per concern:
   in: network, loss, factories; the objective, validation metrics, optimiser);
 - :mod:`gcrf.training.objective` — the terms: :func:`cross_entropy_loss`, the Gated CRF input size
   (:func:`resize_probabilities`) and schedule (:func:`gated_crf_start_step`);
+- :mod:`gcrf.training.metrics` — the volume scores of the medical recipes: 3D Dice and HD95
+  (:class:`~gcrf.training.metrics.VolumeScores`, :func:`~gcrf.training.metrics.score_volume`,
+  :func:`~gcrf.training.metrics.hd95`; medpy's definition by default);
 - :mod:`gcrf.training.optim` — optimiser and scheduler factories;
 - :mod:`gcrf.training.callbacks` — progress lines, learning-rate log, TensorBoard image grids,
   :func:`default_callbacks`;

@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -126,9 +126,12 @@ class SegmentationVisualizer(Callback):
     supervising modality, prediction and (when the module has a Gated CRF loss) its kernels. Samples
     are laid out ``grid_width`` per row.
 
-    Training batches are visualised at step ``first`` and then every ``step`` steps; after every
-    validation, the items ``observe_train_ids`` / ``observe_valid_ids`` of the training / validation
-    datasets are predicted and shown.
+    Training batches are visualised at step ``first`` and then every ``step`` steps, from what
+    Lightning hands ``on_train_batch_end``: the batch and the ``outputs`` of
+    :meth:`SegmentationModule.training_step` (its detached ``output``), so nothing outlives the
+    step. After every validation, the items ``observe_train_ids`` / ``observe_valid_ids`` of the
+    training / validation datasets are predicted and shown (validation items only where the data
+    module serves images: whole volumes are not pictured).
 
     Args:
         num_batches_visualization_first: first step at which a training batch is shown.
@@ -239,11 +242,10 @@ class SegmentationVisualizer(Callback):
         if not self.is_visualization_step(trainer.global_step):
             return
         experiment = self._experiment(trainer)
-        last = getattr(pl_module, "_last_train_output", None)
-        if experiment is None or last is None:
+        output = outputs.get("output") if isinstance(outputs, Mapping) else None
+        if experiment is None or output is None:
             return
-        output, last_batch = last
-        grid = self.render(pl_module, last_batch, output)
+        grid = self.render(pl_module, batch, output)
         experiment.add_image("train/batch", grid, global_step=trainer.global_step)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -252,10 +254,11 @@ class SegmentationVisualizer(Callback):
         experiment = self._experiment(trainer)
         if experiment is None:
             return
-        sources = (
-            ("train/observed", self._dataset(trainer, "train"), self.observe_train_ids),
-            ("valid/observed", self._dataset(trainer, "val"), self.observe_valid_ids),
-        )
+        sources = [("train/observed", self._dataset(trainer, "train"), self.observe_train_ids)]
+        if pl_module.validation_kind == "images":
+            sources.append(
+                ("valid/observed", self._dataset(trainer, "val"), self.observe_valid_ids)
+            )
         for tag, dataset, ids in sources:
             if dataset is None or not ids:
                 continue
@@ -263,8 +266,6 @@ class SegmentationVisualizer(Callback):
             if not ids:
                 continue
             items = [dataset[i] for i in ids]
-            if items[0]["image"].dim() != 3:  # whole volumes (medical validation): not pictured
-                continue
             batch = torch.utils.data.default_collate(items)
             batch = {
                 k: v.to(pl_module.device) if isinstance(v, Tensor) else v for k, v in batch.items()
@@ -296,6 +297,7 @@ def default_callbacks(
     progress_every_n_steps: int = 50,
     checkpoint_dir: str | None = None,
     monitor: str = "val/mIoU",
+    monitor_mode: Literal["min", "max"] = "max",
 ) -> list[Callback]:
     """Best and latest checkpoints, per-step LR logging, a progress display and the visualiser.
 
@@ -307,8 +309,9 @@ def default_callbacks(
         visualizer: the image-grid callback (``None``: none).
         progress_every_n_steps: interval of the plain progress lines.
         checkpoint_dir: where checkpoints go (default: the logger's directory).
-        monitor: the validation metric (higher is better) of the best checkpoint: ``"val/mIoU"``
-            for images, ``"val/dice"`` for volumes.
+        monitor: the validation metric of the best checkpoint (a data module's ``monitor``:
+            ``"val/mIoU"`` for images, ``"val/dice"`` for ACDC's volumes).
+        monitor_mode: ``"max"`` where higher is better (a data module's ``monitor_mode``).
 
     Returns:
         A list of callbacks for ``Trainer(callbacks=...)``.
@@ -318,7 +321,7 @@ def default_callbacks(
         ModelCheckpoint(
             dirpath=checkpoint_dir,
             monitor=monitor,
-            mode="max",
+            mode=monitor_mode,
             save_top_k=1,
             filename="best-step{step:06d}-" + monitor.split("/")[-1] + "{" + monitor + ":.4f}",
             auto_insert_metric_name=False,

@@ -6,17 +6,26 @@ dataset and moves nothing to a device itself. The objective is the published one
 
     total = w_ce · CE(high, labels of the supervising modality; ignore 255, optional class weights)
           + w_gcrf · GatedCRF(softmax(low) resized to the Gated CRF resolution,
-                              {"rgb": the network input at input resolution}, mask_src = valid)
+                              {image_modality: the network input at input resolution},
+                              mask_src = valid)
 
 where ``high`` / ``low`` are the network's logits at the input size / at stride 4, and the Gated CRF
 term is switched on once ``use_after_progress_ratio`` of the training steps have been taken.
+
+The data module says what the module is given (its declarations, see
+:class:`gcrf.data.WeakSegmentationDataModule`): ``image_modality``, the name under which the network
+input reaches the Gated CRF loss (``"rgb"`` for ImageNet-normalised RGB, ``"intensity"`` for ACDC's
+MR intensities), and ``validation_kind``, whether validation batches are images (scored by mIoU) or
+whole volumes (3D Dice and HD95). A data module that declares nothing, or none at all (loaders
+passed to ``Trainer.fit`` directly), is taken to serve RGB images — the defaults of
+``WeakSegmentationDataModule``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -24,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from gcrf.conventions import IGNORE_INDEX, LABEL_MODALITIES
+from gcrf.conventions import IGNORE_INDEX, LABEL_MODALITIES, LabelModality
+from gcrf.data.datamodule import ValidationKind, WeakSegmentationDataModule
 from gcrf.training.metrics import VolumeScores
 from gcrf.training.objective import (
     cross_entropy_loss,
@@ -50,7 +60,8 @@ class SegmentationModule(pl.LightningModule):
             ``high`` (N×C×H×W) logits (``gcrf.models.SegmentationOutput``).
         num_classes: number of classes C.
         gated_crf: the Gated CRF loss module, called as
-            ``gated_crf(probs, {"rgb": image}, mask_src=valid)``; ``None`` trains with CE only.
+            ``gated_crf(probs, {image_modality: image}, mask_src=valid)``; its kernels name the
+            data module's ``image_modality`` (checked at setup); ``None`` trains with CE only.
         cross_entropy_modality: batch key of the CE labels: ``"semseg_dense"``,
             ``"semseg_scribbles"`` or ``"semseg_clicks"``.
         cross_entropy_weight: weight of the CE term.
@@ -58,8 +69,10 @@ class SegmentationModule(pl.LightningModule):
             0.5·CE + 0.5·Dice); 0 leaves it out.
         class_weights: optional C class weights of the CE term.
         gated_crf_weight: weight of the Gated CRF term.
-        gated_crf_resolution: resolution of the probabilities the Gated CRF loss sees (see
-            :func:`resize_probabilities`); ``None`` keeps the network's stride-4 size.
+        gated_crf_resolution: resolution of the probabilities the Gated CRF loss sees: an int
+            (rows; the columns follow the input's aspect ratio) or (rows, cols), each dividing the
+            input size (see :func:`resize_probabilities`); ``None`` keeps the size of the
+            network's ``low`` logits (stride 4 for DeepLabv3+).
         gated_crf_use_after_progress_ratio: the Gated CRF term is off for this fraction of the training
             steps (``trainer.estimated_stepping_batches``), then on.
         optimizer: optimiser factory (default: published SGD).
@@ -84,7 +97,7 @@ class SegmentationModule(pl.LightningModule):
         num_classes: int,
         *,
         gated_crf: nn.Module | None = None,
-        cross_entropy_modality: str = "semseg_dense",
+        cross_entropy_modality: LabelModality = "semseg_dense",
         cross_entropy_weight: float = 1.0,
         dice_weight: float = 0.0,
         class_weights: Tensor | Sequence[float] | None = None,
@@ -112,6 +125,19 @@ class SegmentationModule(pl.LightningModule):
                 "gated_crf_use_after_progress_ratio must be in [0, 1], got "
                 f"{gated_crf_use_after_progress_ratio!r}"
             )
+        if gated_crf_resolution is not None:
+            sides = (
+                [gated_crf_resolution]
+                if isinstance(gated_crf_resolution, int)
+                else list(gated_crf_resolution)
+                if isinstance(gated_crf_resolution, Sequence) and len(gated_crf_resolution) == 2
+                else [None]
+            )
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sides):
+                raise ValueError(
+                    "gated_crf_resolution must be None, an int >= 1 or a pair of ints >= 1, got "
+                    f"{gated_crf_resolution!r}"
+                )
         if gated_crf is not None and not callable(gated_crf):
             raise TypeError(
                 f"gated_crf must be a callable loss module, got {type(gated_crf).__name__}"
@@ -123,7 +149,11 @@ class SegmentationModule(pl.LightningModule):
         self.cross_entropy_weight = float(cross_entropy_weight)
         self.dice_weight = float(dice_weight)
         self.gated_crf_weight = float(gated_crf_weight)
-        self.gated_crf_resolution = gated_crf_resolution
+        self.gated_crf_resolution = (
+            gated_crf_resolution
+            if gated_crf_resolution is None or isinstance(gated_crf_resolution, int)
+            else tuple(gated_crf_resolution)
+        )
         self.gated_crf_use_after_progress_ratio = float(gated_crf_use_after_progress_ratio)
         self.optimizer_factory = optimizer if optimizer is not None else make_optimizer_factory()
         self.scheduler_factory = lr_scheduler
@@ -147,6 +177,10 @@ class SegmentationModule(pl.LightningModule):
         )
         # Volumes (N×C×Z×H×W validation batches): 3D Dice and HD95, built at setup (class names).
         self.val_volumes: VolumeScores | None = None
+        #: What the data module declares (read at setup; until then, and without a data module,
+        #: the defaults of :class:`~gcrf.data.WeakSegmentationDataModule`: RGB images).
+        self.image_modality: str = WeakSegmentationDataModule.image_modality
+        self.validation_kind: ValidationKind = WeakSegmentationDataModule.validation_kind
         #: Size at which validation volumes are predicted slice by slice (default: the data
         #: module's ``inference_size``, else each slice's own size).
         self.inference_size: tuple[int, int] | None = None
@@ -180,12 +214,37 @@ class SegmentationModule(pl.LightningModule):
             self.palette = torch.as_tensor(datamodule.palette, dtype=torch.uint8)
         if self.inference_size is None and getattr(datamodule, "inference_size", None):
             self.inference_size = tuple(int(s) for s in datamodule.inference_size)
-        if self.val_volumes is None:
+        self.image_modality = getattr(datamodule, "image_modality", self.image_modality)
+        self.validation_kind = getattr(datamodule, "validation_kind", self.validation_kind)
+        if self.validation_kind not in get_args(ValidationKind):
+            raise ValueError(
+                f"the data module's validation_kind must be one of {get_args(ValidationKind)}, "
+                f"got {self.validation_kind!r}"
+            )
+        self._check_kernel_modalities()
+        if self.validation_kind == "volumes" and self.val_volumes is None:
             self.val_volumes = VolumeScores(self.class_names)
         if self.compile_network and self._compiled_network is None:
             # Compile the forward only; the parameters stay registered under `network` alone, so
             # checkpoints of compiled and eager runs are interchangeable.
             object.__setattr__(self, "_compiled_network", torch.compile(self.network))
+
+    def _check_kernel_modalities(self) -> None:
+        """The loss's kernels read the one modality the module gives it: the declared image.
+
+        Checked at setup, so that a kernel on another name fails before training instead of at
+        the first step with the Gated CRF term on.
+        """
+        kernels = getattr(getattr(self.gated_crf, "config", None), "kernels", None) or ()
+        named = {name for kernel in kernels for name, _ in kernel.modalities}
+        if named - {self.image_modality}:
+            raise ValueError(
+                f"the Gated CRF kernels use the modalities {sorted(named)}, but the module gives "
+                f"the loss only the network input, which the data module declares as "
+                f"image_modality={self.image_modality!r}: name the kernels' appearance term "
+                f"{self.image_modality!r}, e.g. [{{'weight': 1.0, 'xy': 6.0, "
+                f"{self.image_modality!r}: 0.1}}]"
+            )
 
     @property
     def gated_crf_start_step(self) -> int:
@@ -237,17 +296,23 @@ class SegmentationModule(pl.LightningModule):
         """What the Gated CRF loss is called with: ``(probs, features, mask_src)``.
 
         ``probs`` = softmax of the network's ``low`` logits resized to ``gated_crf_resolution``;
-        ``features`` = ``{"rgb": the network input}`` (σ_rgb is in the units of that input:
-        ImageNet-normalised RGB for the natural-image recipes, [0, 1] intensities for MR);
-        ``mask_src`` = the valid-pixel mask. The training visualiser shows the kernels of exactly
-        these inputs.
+        ``features`` = ``{image_modality: the network input}`` (the data module's declaration; σ
+        of that modality is in the units of the input: ImageNet-normalised RGB for the
+        natural-image data, [0, 1] intensities for ACDC); ``mask_src`` = the valid-pixel mask. The
+        training visualiser shows the kernels of exactly these inputs.
         """
         image = batch["image"]
         probs = torch.softmax(output.low.float(), dim=1)
         probs = resize_probabilities(probs, self.gated_crf_resolution, image.shape[-2:])
-        return probs, {"rgb": image.float()}, batch["valid"].float()
+        return probs, {self.image_modality: image.float()}, batch["valid"].float()
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
+        """The objective of one batch, logged; returns ``{"loss", "output"}``.
+
+        ``output`` is the network's output detached from the graph (views, no copy): what the
+        ``on_train_batch_end`` hooks of callbacks receive as ``outputs["output"]`` (the
+        visualiser draws it); Lightning drops it after the step.
+        """
         output = self(batch["image"])
         losses = self.compute_losses(batch, output)
         batch_size = batch["image"].shape[0]
@@ -257,21 +322,28 @@ class SegmentationModule(pl.LightningModule):
         if "loss_dice" in losses:
             self.log("train/loss_dice", losses["loss_dice"].detach(), batch_size=batch_size)
         self.log("train/gatedcrf_active", float(self.gated_crf_active()), batch_size=batch_size)
-        self._last_train_output = (type(output)(*(t.detach() for t in output)), batch)
-        return losses["loss"]
+        return {"loss": losses["loss"], "output": type(output)(*(t.detach() for t in output))}
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        if batch["image"].dim() == 5:  # volumes: N×C×Z×H×W
-            for image, reference in zip(batch["image"], batch["semseg_dense"], strict=True):
-                self.val_volumes.update(self.predict_volume(image), reference)
+        image = batch["image"]
+        expected = 5 if self.validation_kind == "volumes" else 4
+        if image.dim() != expected:
+            raise ValueError(
+                f"the data module declares validation_kind={self.validation_kind!r}: validation "
+                f"images must be {'N×C×Z×H×W' if expected == 5 else 'N×C×H×W'}, got shape "
+                f"{tuple(image.shape)}"
+            )
+        if self.validation_kind == "volumes":
+            for volume, reference in zip(image, batch["semseg_dense"], strict=True):
+                self.val_volumes.update(self.predict_volume(volume), reference)
             return
-        output = self(batch["image"])
+        output = self(image)
         target = batch["semseg_dense"]
         self.val_iou.update(output.high.argmax(dim=1), target)
         self.log(
             "val/loss_ce_dense",
             cross_entropy_loss(output.high, target),
-            batch_size=batch["image"].shape[0],
+            batch_size=image.shape[0],
             sync_dist=True,
         )
 
@@ -300,7 +372,9 @@ class SegmentationModule(pl.LightningModule):
         return torch.cat(labels)
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_volumes is not None and self.val_volumes.update_count > 0:
+        if self.validation_kind == "volumes":
+            if self.val_volumes.update_count == 0:  # e.g. limit_val_batches=0
+                return
             scores = self.val_volumes.compute()
             self.val_volumes.reset()
             for key, value in scores.items():

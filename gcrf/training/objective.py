@@ -90,8 +90,8 @@ def resize_probabilities(
         cols = resolution * width / height
         if cols != int(cols):
             raise ValueError(
-                f"loss_gatedcrf_resolution={resolution} on a {height}×{width} input gives a "
-                f"non-integral width {cols}; pass (rows, cols)"
+                f"resolution={resolution} on a {height}×{width} input gives a non-integral "
+                f"width {cols}; pass (rows, cols)"
             )
         size = (rows, int(cols))
     else:
@@ -100,8 +100,8 @@ def resize_probabilities(
         size = (int(resolution[0]), int(resolution[1]))
     if size[0] < 1 or size[1] < 1 or height % size[0] or width % size[1]:
         raise ValueError(
-            f"loss_gatedcrf_resolution {size} must divide the input size {(height, width)} "
-            "(the image features are pooled by an integer factor)"
+            f"resolution {size} must divide the input size {(height, width)} (the image "
+            "features are pooled by an integer factor)"
         )
     if tuple(probs.shape[-2:]) == size:
         return probs
