@@ -2,7 +2,7 @@
 
 Run from the repository root on a machine with one CUDA GPU (``pip install -e ".[dev]"``)::
 
-    python -m benchmarks.device                          # the whole plan, about 5 minutes
+    python -m benchmarks.device                          # the whole plan (under 9 minutes)
     python -m benchmarks.device --dry_run true           # print the plan, run nothing
     python -m benchmarks.device --steps [loss,crf]       # some steps only (e.g. to rerun one)
     python -m benchmarks.device --out_dir /some/folder   # also copy what it writes there
@@ -37,12 +37,13 @@ roofline; the loss, CRF and training-step tables; the loader estimate; the tests
 failures; every step's status and time. ``benchmarks/device_results.json`` (``--json_path``) holds
 the same, raw: the environment, and per step its command, status, seconds, budget and result.
 
-**Targets** (pass / short), from the ``loss`` step at 8×21×512², r = 5:
+**Targets** (pass / short), from the ``loss`` step (the speeds at 8×21×512², r = 5):
 
 - Triton ≥ 30× faster than the published unfold formulation (fp32 and bf16);
 - Triton ≥ 3× faster than the torch backend (fp32 and bf16);
 - Triton fp32 within 2× of the FP32 roofline measured on that GPU (achieved fraction ≥ 50 %);
-- bitwise-identical repeated runs (every Triton row: value and gradient).
+- bitwise-identical repeated runs (every Triton row of the step, both shapes and dtypes: value
+  and gradient of two more runs equal to the first's).
 
 **Work model** of the achieved fraction (stated in full in ``benchmarks/roofline.py``): per pixel
 and window offset, ``3F + 4K`` FLOPs for the Gaussian over F feature channels and K kernels, one
