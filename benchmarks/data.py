@@ -4,6 +4,7 @@ Run from the repository root::
 
     python -m benchmarks.data                        # VOC-size and Cityscapes-size cases
     python -m benchmarks.data --samples 40 --cases [cityscapes]
+    python -m benchmarks.data --steps_per_second [2,8] --json_path data.json
 
 For each case, files in the real formats are written to a temporary folder once (a JPEG image and
 a palette PNG label for VOC-size frames; a PNG image and a PNG label for Cityscapes-size frames,
@@ -26,6 +27,7 @@ the ratio of gcrf to the floor and the speed-up of the transform over the previo
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import tempfile
@@ -38,11 +40,10 @@ import numpy as np
 import torch
 from jsonargparse import CLI
 from PIL import Image
-from rich.console import Console
-from rich.table import Table
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
+from benchmarks.tables import ResultTable
 from gcrf.conventions import IGNORE_INDEX
 from gcrf.data.transforms import (
     AugmentationConfig,
@@ -54,7 +55,7 @@ from gcrf.data.transforms import (
     warp_params,
 )
 
-__all__ = ["CASES", "Case", "main", "measure"]
+__all__ = ["CASES", "Case", "loader_processes", "main", "measure"]
 
 
 @dataclass(frozen=True)
@@ -231,12 +232,18 @@ def measure(case: Case, samples: int, files: int, seed: int = 0) -> Result:
     return Result(case, **medians)
 
 
+def loader_processes(batch_size: int, steps_per_second: float, ms_per_sample: float) -> int:
+    """Loader processes that keep one GPU fed: batch × steps/s ÷ samples/s per worker, rounded up."""
+    return math.ceil(batch_size * steps_per_second * ms_per_sample / 1e3)
+
+
 def main(
     cases: list[str] | None = None,
     samples: int = 30,
     files: int = 6,
     seed: int = 0,
     steps_per_second: list[float] | None = None,
+    json_path: str | None = None,
 ) -> list[Result]:
     """Measure and print the tables.
 
@@ -246,7 +253,9 @@ def main(
         files: distinct frames written per case (cycled).
         seed: seed of the frames and of the augmentation draws.
         steps_per_second: GPU training-step rates at which to estimate the loader processes that
-            keep one GPU fed at the recipe's batch size (assumed rates, not measured here).
+            keep one GPU fed at the recipe's batch size (assumed rates, not measured here;
+            ``python -m benchmarks.device`` puts measured ones against these samples/s).
+        json_path: also write the medians per case (ms per sample, samples/s per worker) there.
     """
     rates = steps_per_second or [1.0, 2.0, 4.0]
     torch.set_num_threads(1)
@@ -255,21 +264,12 @@ def main(
     if unknown:
         raise ValueError(f"cases must be among {sorted(CASES)}, got {unknown}")
     results = [measure(CASES[name], samples, files, seed) for name in names]
-    table = Table(
-        title="Training data pipeline per sample, one thread (median; decode included)",
-        caption="scale 0.5–2, tilt 10°, wiggle 0.1, flip; weak labels: 4 scribbles, 6 clicks",
-    )
-    for column in (
-        "case",
-        "decode",
-        "floor",
-        "gcrf",
-        "gcrf / floor",
-        "gcrf samples/s",
-        "previous",
-        "transform speed-up",
-    ):
-        table.add_column(column, justify="left" if column == "case" else "right")
+    table = ResultTable(
+        "Training data pipeline per sample, one thread (median; decode included)",
+        ["case", "decode", "floor", "gcrf", "gcrf / floor", "gcrf samples/s", "previous",
+         "transform speed-up"],
+        notes=["scale 0.5–2, tilt 10°, wiggle 0.1, flip; weak labels: 4 scribbles, 6 clicks"],
+    )  # fmt: skip
     for r in results:
         speedup = (r.previous - r.decode) / max(r.gcrf - r.decode, 1e-9)
         table.add_row(
@@ -282,24 +282,27 @@ def main(
             f"{r.previous:.1f} ms",
             f"{speedup:.1f}×",
         )
-    console = Console(width=160)
-    console.print(table)
-    workers = Table(
-        title="Loader processes per GPU to keep up (estimate: published batch × assumed GPU "
-        "steps/s ÷ measured samples/s per worker, rounded up)"
+    table.print()
+    workers = ResultTable(
+        "Loader processes per GPU to keep up (estimate: published batch × assumed GPU "
+        "steps/s ÷ measured samples/s per worker, rounded up)",
+        ["recipes", "batch"]
+        + [f"{rate:g} steps/s: {name}" for rate in rates for name in ("gcrf", "previous")],
     )
-    workers.add_column("recipes")
-    workers.add_column("batch", justify="right")
-    for rate in rates:
-        workers.add_column(f"{rate:g} steps/s: gcrf", justify="right")
-        workers.add_column("previous", justify="right")
     for r in results:
-        row = [r.case.recipes, str(r.case.batch_size)]
-        for rate in rates:
-            for ms in (r.gcrf, r.previous):
-                row.append(str(math.ceil(r.case.batch_size * rate * ms / 1e3)))
-        workers.add_row(*row)
-    console.print(workers)
+        workers.add_row(
+            r.case.recipes,
+            r.case.batch_size,
+            *[loader_processes(r.case.batch_size, rate, ms) for rate in rates
+              for ms in (r.gcrf, r.previous)],
+        )  # fmt: skip
+    workers.print()
+    if json_path:
+        records = [{"case": name, "batch_size": r.case.batch_size, "decode_ms": r.decode,
+                    "floor_ms": r.floor, "gcrf_ms": r.gcrf, "previous_ms": r.previous,
+                    "gcrf_samples_per_s": 1e3 / r.gcrf}
+                   for name, r in zip(names, results, strict=True)]  # fmt: skip
+        Path(json_path).write_text(json.dumps(records, indent=1))
     return results
 
 

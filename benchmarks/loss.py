@@ -2,49 +2,52 @@
 
 Run from the repository root::
 
-    python -m benchmarks.loss                      # all cases, all backends usable here
-    python -m benchmarks.loss --cases 8x64 --repeats 5 --backend torch --backend unfold
-    python -m benchmarks.loss --write-results      # also update this device's table in RESULTS.md
+    python -m benchmarks.loss                                  # all cases, every backend usable here
+    python -m benchmarks.loss --cases [8x64] --repeats 5 --backends [torch,unfold]
+    python -m benchmarks.loss --write_results true             # also update RESULTS.md's table
+    python -m benchmarks.loss --device cuda --cases [voc,8x512] --dtypes [fp32,bf16] --isolate false
 
 Setting (the published training default): C = 21 classes, radius 5, one kernel
 ``{"weight": 1, "xy": 6, "rgb": 0.1}``, ``mask_src`` given, features at the prediction resolution
 (so the table measures the loss itself, not the area resize of the image, which both do alike).
-Case ``wsl4mis`` is the loss step of WSL4MIS's training: N = 12, C = 4, 256×256 full-resolution
+Case ``voc`` is the published VOC training's loss step (batch 48, probabilities at 64×64); case
+``wsl4mis`` is the loss step of WSL4MIS's training: N = 12, C = 4, 256×256 full-resolution
 probabilities, the 1-channel slice as the ``rgb`` modality, no gate.
 
-Honest measurement: every (implementation, case) runs in a fresh subprocess. On CPU the peak is the
-process's peak resident set (VmHWM, reset through /proc/self/clear_refs after the inputs are built)
-minus the resident set at that point; on CUDA it is ``torch.cuda.max_memory_allocated`` minus the
-memory allocated after setup. The time is the median of ``--repeats`` fwd+bwd runs after one
-warm-up run. The published formulation is skipped ("would need X GB") where its estimated peak
-exceeds ``--max-gb``.
+Honest measurement: every (implementation, case, dtype) runs in a fresh process
+(``benchmarks/isolated.py``: peak resident set on CPU, ``torch.cuda.max_memory_allocated`` on CUDA,
+above what the inputs hold; on CUDA ``--isolate false`` runs the rows in one process, as exact
+there and without a start-up per row). The time is the median of ``--repeats`` fwd+bwd runs after one
+warm-up run. With ``--bitwise`` (default on CUDA) two more runs are compared bit for bit with the
+first (value and gradient). The published formulation is skipped ("would need X GB") where its
+estimated peak exceeds ``--max_gb``.
 
-To add rows (e.g. GPU backends), add an :class:`Implementation` to ``IMPLEMENTATIONS``.
+To add rows, add an :class:`Implementation` to ``IMPLEMENTATIONS``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import re
-import statistics
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from jsonargparse import CLI
 from torch import Tensor
 
+from benchmarks.isolated import PeakMemory, measure_or_skip, median_time
+from benchmarks.roofline import Peaks, Work, pairwise_sum_work, roofline_fraction
+from benchmarks.tables import ResultTable, machine_header, update_results
 from gcrf.loss import DEFAULT_KERNELS
+
+__all__ = ["CASES", "DTYPES", "IMPLEMENTATIONS", "Case", "case_work", "loss_table", "main"]
 
 KERNELS = list(DEFAULT_KERNELS)
 RADIUS = 5
 CLASSES = 21
-RESULTS = Path(__file__).with_name("RESULTS.md")
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -65,12 +68,22 @@ class Case:
 
 
 CASES: dict[str, Case] = {
+    "voc": Case(48, 64, 64),  # the published VOC training: batch 48, loss at 64×64
     "8x64": Case(8, 64, 64),
     "2x256": Case(2, 256, 256),
     "8x512": Case(8, 512, 512),
     # The WSL4MIS loss step: UNet probabilities at full resolution, the 1-channel slice in [0, 1].
     "wsl4mis": Case(12, 256, 256, classes=4, channels=1, gated=False),
 }
+
+
+def case_work(case: Case, dtype: str) -> Work:
+    """The work model of one fwd+bwd of a case: one sweep with the gradient (roofline.py)."""
+    return pairwise_sum_work(
+        case.batch, case.classes, (case.height, case.width), RADIUS, case.channels,
+        num_kernels=len(KERNELS), gates=int(case.gated), grad=True,
+        probs_bytes=DTYPES[dtype].itemsize,
+    )  # fmt: skip
 
 
 def _gcrf(backend: str) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
@@ -88,10 +101,12 @@ def _unfold(probs: Tensor, rgb: Tensor, mask: Tensor | None) -> Tensor:
     return unfold_gated_crf_loss(probs, KERNELS, RADIUS, {"rgb": rgb}, mask_src=mask)
 
 
-def _unfold_estimate(case: Case) -> int:
+def _unfold_estimate(case: Case, dtype: str) -> int:
     from benchmarks.unfold_reference import unfold_peak_bytes_estimate
 
-    return unfold_peak_bytes_estimate(case.batch, case.classes, case.height, case.width, RADIUS)
+    element = DTYPES[dtype].itemsize
+    fp32 = unfold_peak_bytes_estimate(case.batch, case.classes, case.height, case.width, RADIUS)
+    return fp32 * element // 4
 
 
 def _triton_unusable(device: str) -> str | None:
@@ -111,14 +126,14 @@ class Implementation:
         label: shown in the table.
         loss: ``(probs, rgb, mask) -> scalar``.
         baseline: the published formulation the ratios are relative to.
-        peak_estimate: bytes it would need for a case (to skip it up front), or None.
+        peak_estimate: bytes it would need for a case and dtype (to skip it up front), or None.
         unusable: given the device, returns why it cannot run there, or None.
     """
 
     label: str
     loss: Callable[[Tensor, Tensor, Tensor], Tensor]
     baseline: bool = False
-    peak_estimate: Callable[[Case], int] | None = None
+    peak_estimate: Callable[[Case, str], int] | None = None
     unusable: Callable[[str], str | None] = lambda device: None
 
 
@@ -131,209 +146,162 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
 }
 
 
-# ----------------------------------------------------------------------------- worker (subprocess)
-
-
-def _status_kb(field: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1))
-
-
-def _worker(name: str, case_name: str, repeats: int, device: str) -> dict:
-    """Build inputs, reset the peak counter, run warm-up + repeats; return time and peak."""
-    case = CASES[case_name]
-    implementation = IMPLEMENTATIONS[name]
+def measure_row(
+    implementation: str, case: str, dtype: str, repeats: int, device: str, bitwise: bool
+) -> dict[str, Any]:
+    """One row, in a fresh process: build the inputs, then time fwd+bwd and measure the peak."""
+    shape = CASES[case]
+    loss_fn = IMPLEMENTATIONS[implementation].loss
     generator = torch.Generator(device=device).manual_seed(0)
-    shape = (case.batch, case.classes, case.height, case.width)
+    size = (shape.batch, shape.classes, shape.height, shape.width)
     # Probabilities normalised in place: no transient copy that would inflate the baseline.
-    probs = torch.rand(shape, generator=generator, device=device).add_(0.05)
-    probs.div_(probs.sum(dim=1, keepdim=True))
+    probs = torch.rand(size, generator=generator, device=device).add_(0.05)
+    probs = probs.div_(probs.sum(dim=1, keepdim=True)).to(DTYPES[dtype])
     rgb = torch.rand(
-        (case.batch, case.channels, case.height, case.width), generator=generator, device=device
+        (shape.batch, shape.channels, shape.height, shape.width), generator=generator, device=device
     )
     mask = None
-    if case.gated:
-        mask = torch.ones((case.batch, 1, case.height, case.width), device=device)
-        mask[:, :, :, -case.width // 8 :] = 0  # padding from augmentation, as in training
+    if shape.gated:
+        mask = torch.ones((shape.batch, 1, shape.height, shape.width), device=device)
+        mask[:, :, :, -shape.width // 8 :] = 0  # padding from augmentation, as in training
 
-    def step() -> float:
+    last: list[Tensor] = []
+
+    def step() -> list[Tensor]:
         leaf = probs.detach().requires_grad_(True)
-        loss = implementation.loss(leaf, rgb, mask)
-        loss.backward()
-        return float(loss)
+        value = loss_fn(leaf, rgb, mask)
+        value.backward()
+        last[:] = [value.detach(), leaf.grad]
+        return last
 
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        base = _status_kb("VmRSS") * 1024
-    times = []
-    value = float("nan")
-    for index in range(repeats + 1):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        value = step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if index > 0:  # the first run is the warm-up
-            times.append(time.perf_counter() - start)
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _status_kb("VmHWM") * 1024 - base
-    return {"time_s": statistics.median(times), "peak_bytes": peak, "loss": value}
+    memory = PeakMemory(device)
+    memory.start()
+    seconds = median_time(step, repeats, device)
+    row: dict[str, Any] = {
+        "time_s": seconds,
+        "peak_bytes": memory.peak_bytes(),
+        "loss": float(last[0]),
+    }
+    if bitwise:
+        first = [t.clone() for t in last]
+        row["bitwise"] = all(
+            torch.equal(a, b) for _ in range(2) for a, b in zip(step(), first, strict=True)
+        )
+    return row
 
 
-# ----------------------------------------------------------------------------- parent (table)
-
-
-def _run_one(
-    name: str, case_name: str, repeats: int, device: str, threads: int, timeout: float
-) -> dict:
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks.loss",
-        "--worker",
-        name,
-        case_name,
-        "--repeats",
-        str(repeats),
-        "--device",
-        device,
-        "--threads",
-        str(threads),
-    ]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"skipped": f"timed out after {timeout:.0f} s"}
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["?"])[-1]
-        return {"skipped": f"failed: {last[:120]}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _format_table(rows: list[dict]) -> str:
-    lines = [
-        f"| case (N×h×w, classes, r={RADIUS}) | implementation | fwd+bwd | peak extra memory "
-        "| speed-up vs unfold | memory vs unfold |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    baselines = {r["case"]: r for r in rows if r["baseline"] and "time_s" in r}
+def loss_table(rows: list[dict[str, Any]], peaks: Peaks | None = None) -> ResultTable:
+    """The table of measured rows; with ``peaks``, the model's TFLOP/s and the roofline fraction."""
+    columns = ["case", "dtype", "implementation", "fwd+bwd", "peak extra memory",
+               "speed-up vs unfold", "memory vs unfold"]  # fmt: skip
+    with_bitwise = any("bitwise" in row for row in rows)
+    if with_bitwise:
+        columns.append("bitwise")
+    if peaks is not None:
+        columns += ["TFLOP/s (model)", "of roofline"]
+    table = ResultTable("Gated CRF loss, forward + backward", columns, left=3)
+    baselines = {(r["case"], r["dtype"]): r for r in rows if r["baseline"] and "time_s" in r}
     not_run = sorted({f"{r['label']} ({r['unavailable']})" for r in rows if "unavailable" in r})
     for row in rows:
         if "unavailable" in row:
             continue
-        label = CASES[row["case"]].label
+        cells = [CASES[row["case"]].label, row["dtype"], row["label"]]
         if "time_s" not in row:
-            lines.append(f"| {label} | {row['label']} | {row['skipped']} | | | |")
+            table.add_row(*cells, row["skipped"], *[""] * (len(columns) - 4))
             continue
-        base = baselines.get(row["case"])
+        base = baselines.get((row["case"], row["dtype"]))
         speed = memory = ""
         if base is not None and not row["baseline"]:
             speed = f"{base['time_s'] / row['time_s']:.1f}×"
             memory = f"1/{base['peak_bytes'] / max(row['peak_bytes'], 1):.0f}"
-        lines.append(
-            f"| {label} | {row['label']} | {row['time_s'] * 1e3:.0f} ms "
-            f"| {row['peak_bytes'] / 2**20:.0f} MiB | {speed} | {memory} |"
-        )
+        cells += [f"{row['time_s'] * 1e3:.1f} ms", f"{row['peak_bytes'] / 2**20:.0f} MiB",
+                  speed, memory]  # fmt: skip
+        if with_bitwise:
+            cells.append({True: "yes", False: "no"}.get(row.get("bitwise"), ""))
+        if peaks is not None:
+            work = case_work(CASES[row["case"]], row["dtype"])
+            cells += [f"{work.flops / row['time_s'] / 1e12:.2f}",
+                      f"{100 * roofline_fraction(work, row['time_s'], peaks):.1f} %"]  # fmt: skip
+        table.add_row(*cells)
     if not_run:
-        lines.append("")
-        lines.append("Not run here: " + "; ".join(not_run) + ".")
-    return "\n".join(lines)
+        table.notes.append("Not run here: " + "; ".join(not_run) + ".")
+    return table
 
 
-def _write_results(table: str, device: str, header: str) -> None:
-    start, end = f"<!-- {device}-table:start -->", f"<!-- {device}-table:end -->"
-    block = f"{start}\n{header}\n\n{table}\n{end}"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + f"\n\n## {device.upper()}\n\n{block}\n"
-    RESULTS.write_text(text)
+def main(
+    backends: list[Literal["unfold", "torch", "triton"]] | None = None,
+    cases: list[str] | None = None,
+    dtypes: list[Literal["fp32", "bf16"]] | None = None,
+    repeats: int | None = None,
+    device: Literal["cpu", "cuda"] | None = None,
+    isolate: bool = True,
+    threads: int = 1,
+    max_gb: float | None = None,
+    timeout: float = 1200.0,
+    bitwise: bool | None = None,
+    write_results: bool = False,
+    json_path: str | None = None,
+) -> list[dict[str, Any]]:
+    """Measure every (case, dtype, implementation) in a fresh process; print the table.
 
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.loss", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--backend",
-        action="append",
-        choices=sorted(IMPLEMENTATIONS),
-        help="implementation(s) to run (repeatable; default: all usable)",
-    )
-    parser.add_argument(
-        "--cases", nargs="+", choices=sorted(CASES), default=list(CASES), help="shapes to run"
-    )
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (median)")
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads in each worker (default 1: stable numbers on a shared CPU)",
-    )
-    parser.add_argument("--max-gb", type=float, default=6.0, help="skip estimated peaks above this")
-    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per subprocess")
-    parser.add_argument("--write-results", action="store_true", help="update benchmarks/RESULTS.md")
-    parser.add_argument("--worker", nargs=2, metavar=("IMPL", "CASE"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
-    if args.worker:
-        torch.set_num_threads(args.threads)
-        print(json.dumps(_worker(args.worker[0], args.worker[1], args.repeats, args.device)))
-        return
-
-    names = args.backend or list(IMPLEMENTATIONS)
+    Args:
+        backends: implementations to run (default: all usable on the device).
+        cases: names of ``CASES`` (default: all).
+        dtypes: probability dtypes (default: fp32).
+        repeats: timed runs per row, median reported (default: 3 on CPU, 10 on CUDA).
+        device: ``cpu`` or ``cuda`` (default: cuda when available).
+        isolate: run every row in a fresh process (``false``: all in this one, for CUDA
+            rows only; see ``benchmarks/isolated.py``).
+        threads: torch intra-op threads per worker (default 1: stable numbers on a shared CPU).
+        max_gb: skip rows whose estimated peak exceeds this (default: 6 on CPU, 80 % of the GPU).
+        timeout: seconds per worker process.
+        bitwise: compare two more runs bit for bit with the first (default: on CUDA only).
+        write_results: update this device's table in ``benchmarks/RESULTS.md``.
+        json_path: also write the rows as JSON there.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = device == "cuda"
+    names = cases or list(CASES)
+    unknown = sorted(set(names) - set(CASES))
+    if unknown:
+        raise ValueError(f"cases must be among {sorted(CASES)}, got {unknown}")
+    repeats = repeats or (10 if on_cuda else 3)
+    bitwise = on_cuda if bitwise is None else bitwise
+    if max_gb is None:
+        max_gb = 0.8 * torch.cuda.get_device_properties(0).total_memory / 2**30 if on_cuda else 6.0
     rows = []
-    for case_name in args.cases:
-        case = CASES[case_name]
-        for name in names:
-            implementation = IMPLEMENTATIONS[name]
-            row = {
-                "case": case_name,
-                "label": implementation.label,
-                "baseline": implementation.baseline,
-            }
-            why = implementation.unusable(args.device)
-            estimate = implementation.peak_estimate(case) if implementation.peak_estimate else 0
-            if why is not None:
-                row["unavailable"] = why
-            elif estimate > args.max_gb * 2**30:
-                row["skipped"] = f"would need ~{estimate / 2**30:.0f} GB"
-            else:
-                row.update(
-                    _run_one(name, case_name, args.repeats, args.device, args.threads, args.timeout)
+    for case_name in names:
+        for dtype in dtypes or ["fp32"]:
+            for name in backends or list(IMPLEMENTATIONS):
+                implementation = IMPLEMENTATIONS[name]
+                row: dict[str, Any] = {"case": case_name, "dtype": dtype, "implementation": name,
+                                       "label": implementation.label,
+                                       "baseline": implementation.baseline}  # fmt: skip
+                kwargs = {"implementation": name, "case": case_name, "dtype": dtype,
+                          "repeats": repeats, "device": device, "bitwise": bitwise}  # fmt: skip
+                estimate = implementation.peak_estimate
+                rows.append(
+                    measure_or_skip(
+                        row,
+                        "benchmarks.loss:measure_row",
+                        kwargs,
+                        unusable=implementation.unusable(device),
+                        estimate_bytes=estimate(CASES[case_name], dtype) if estimate else 0,
+                        max_gb=max_gb,
+                        isolate=isolate,
+                        threads=threads,
+                        timeout=timeout,
+                    )
                 )
-            rows.append(row)
-            print(
-                f"{case_name:>6} {implementation.label:<18} "
-                + (
-                    f"{row['time_s'] * 1e3:9.1f} ms {row['peak_bytes'] / 2**20:9.1f} MiB"
-                    if "time_s" in row
-                    else row.get("skipped") or f"not run: {row['unavailable']}"
-                ),
-                flush=True,
-            )
-    table = _format_table(rows)
-    print()
-    print(table)
-    if args.write_results:
-        header = (
-            f"{args.device.upper()}: {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{args.threads} thread(s) per worker, median of {args.repeats} runs after a warm-up, "
-            f"load average {os.getloadavg()[0]:.1f} when the table was written."
-        )
-        _write_results(table, args.device, header)
+    table = loss_table(rows)
+    table.print()
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1))
+    if write_results:
+        header = machine_header(device, threads, f"median of {repeats} runs after a warm-up")
+        update_results(f"{device}-table", f"{header}\n\n{table.markdown()}", device.upper())
+    return rows
 
 
 if __name__ == "__main__":
-    main()
+    CLI(main)

@@ -1,226 +1,290 @@
-"""Benchmark of a DeepLabv3+ training step, with and without the Gated CRF loss.
+"""Benchmark of one training step of each recipe's default model, with and without the Gated CRF term.
 
-Shows what the Gated CRF loss costs relative to the network: images/s of one training step
-(forward, backward, SGD step) of ``gcrf.models.DeepLabV3Plus`` at 256×256 for resnet34 and resnet50,
+Shows what the Gated CRF loss costs relative to the network. Each recipe's model and objective are
+built by the recipe's own command line (``recipes.<recipe>.main(args, run=False)`` with
+``--model.model_pretrained false`` and ``--model.loss_gatedcrf true``; nothing else changed), so
+the rows follow the recipes' defaults:
 
-- ``CE``: cross-entropy on the full-size logits ``high`` only;
-- ``CE + GCRF``: plus ``gcrf.loss.GatedCRFLoss`` as in the published recipe: kernel
-  ``{"weight": 1, "xy": 6, "rgb": 0.1}``, radius 5, probabilities ``softmax(low)`` at 64×64 (``low``
-  is already 64×64 for a 256×256 crop; other sizes are resized bilinearly), the ImageNet-normalised
-  network input as the ``rgb`` modality (as in the recipes, so σ_rgb is in normalised units),
-  ``mask_src`` = the valid-pixel mask.
+- ``voc`` (``recipes.voc_scribbles``): DeepLabv3+ on ResNet-34, 256² crops, batch 48, 21 classes,
+  the Gated CRF loss on the probabilities at 64×64;
+- ``cityscapes`` (``recipes.cityscapes_clicks``): the same network, 512² crops, batch 16,
+  19 classes, the loss at 128×128;
+- ``acdc`` (``recipes.acdc_scribbles``): UNet on ResNet-34, 1-channel 256² slices, batch 12,
+  4 classes, the loss on the full-resolution probabilities, Dice off;
+- ``synthetic`` (``recipes.synthetic``): DeepLabv3+ on MobileNetV3-small-0.5, 64² scenes, batch 8.
 
-The time is the median over ``--iterations`` steps after ``--warmup`` steps (CUDA: synchronised).
-On CPU the numbers depend strongly on the thread count and on other load; repeat and compare
-within one run only.
+One step: the network's forward, the recipe's objective (``CE`` on its label modality, plus Dice
+where the recipe weights it; ``CE + GCRF`` adds the weighted Gated CRF term on the module's own
+``gated_crf_inputs`` — softmax of the stride-4 logits at the recipe's resolution, the network input
+as ``rgb``, ``mask_src`` = the valid pixels), backward and the recipe's optimiser step. Inputs are
+random: ImageNet-normalised RGB (the MR recipes: intensities in [0, 1]), three quarters of the label
+pixels unlabelled for weak supervision, the right eighth of every image invalid (padding).
+
+The time is the median over ``--iterations`` steps after ``--warmup`` steps (CUDA: synchronised);
+on CUDA the peak memory above the built model and batch is reported too. On CPU the numbers depend
+strongly on the thread count and on other load; repeat and compare within one run only.
 
 Run from the repository root::
 
-    python -m benchmarks.model                                   # CPU (or CUDA if present)
-    python -m benchmarks.model --device cuda --batch 16 --iterations 20 --amp --channels-last
-    python -m benchmarks.model --encoders resnet34 --batch 2 --iterations 3 --threads 2
+    python -m benchmarks.model                                # every recipe (CPU: batch 2)
+    python -m benchmarks.model --recipes [voc,acdc] --batch 4 --iterations 5 --threads 2
+    python -m benchmarks.model --write_results true          # also update RESULTS.md's table
+    python -m benchmarks.model --device cuda --json_path steps.json   # the recipes' batch sizes
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-from dataclasses import dataclass
+import importlib
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+from unittest import mock
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+from jsonargparse import CLI
+from torch import Tensor
 
+from benchmarks.isolated import PeakMemory, median_time
+from benchmarks.tables import ResultTable, machine_header, update_results
 from gcrf.conventions import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
-from gcrf.loss import DEFAULT_KERNELS
-from gcrf.models import DeepLabV3Plus
+from gcrf.training.objective import cross_entropy_loss, dice_loss
 
-KERNELS = list(DEFAULT_KERNELS)
-RADIUS = 5
-LOSS_RESOLUTION = 64
-CLASSES = 21
+__all__ = ["RECIPES", "Row", "build_recipe", "main", "measure", "step_table"]
+
+#: Benchmark name → the recipe module whose defaults it runs.
+RECIPES: dict[str, str] = {
+    "voc": "recipes.voc_scribbles",
+    "cityscapes": "recipes.cityscapes_clicks",
+    "acdc": "recipes.acdc_scribbles",
+    "synthetic": "recipes.synthetic",
+}
 
 
 @dataclass(frozen=True)
 class Row:
     """One measurement."""
 
-    encoder: str
+    recipe: str
+    model: str
     loss: str
     batch: int
     size: int
     ms_per_step: float
     images_per_s: float
+    peak_bytes: int | None  #: CUDA only
+
+    @property
+    def steps_per_s(self) -> float:
+        return 1e3 / self.ms_per_step
 
 
-def _load_gated_crf_loss() -> tuple[type[nn.Module] | None, str]:
-    try:
-        from gcrf.loss import GatedCRFLoss
-    except ImportError as error:
-        return None, f"{type(error).__name__}: {error}"
-    return GatedCRFLoss, ""
+def build_recipe(recipe: str, encoder: str | None = None) -> tuple[Any, Any]:
+    """The recipe's LightningModule (Gated CRF term on, random weights) and its data module."""
+    args = ["--model.model_pretrained=false", "--model.loss_gatedcrf=true"]
+    if encoder is not None:
+        args.append(f"--model.model_encoder_name={encoder}")
+    # The recipe parses ``args`` only; this command's own arguments are not its business.
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        cli = importlib.import_module(RECIPES[recipe]).main(args, run=False)
+    return cli.model, cli.datamodule
 
 
-def _synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _batch(module: Any, datamodule: Any, batch: int, device: torch.device) -> dict[str, Tensor]:
+    size = datamodule.augmentation.crop_size
+    channels = (module.hparams.get("model_kwargs") or {}).get("in_channels", 3)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(batch, channels, size, size, generator=generator)
+    if channels == 3:  # ImageNet-normalised RGB, as the natural-image recipes feed the network
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        image = (image - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    labels = torch.randint(0, datamodule.num_classes, (batch, size, size), generator=generator)
+    if module.cross_entropy_modality != "semseg_dense":
+        labels[torch.rand(labels.shape, generator=generator) < 0.75] = IGNORE_INDEX
+    valid = torch.ones(batch, 1, size, size)
+    valid[..., -size // 8 :] = 0
+    labels[..., -size // 8 :] = IGNORE_INDEX
+    return {
+        "image": image.to(device),
+        module.cross_entropy_modality: labels.to(device),
+        "valid": valid.to(device),
+    }
 
 
 def measure(
-    encoder: str,
-    gated_crf: nn.Module | None,
+    recipe: str,
+    module: Any,
+    datamodule: Any,
+    with_gated_crf: bool,
     batch: int,
-    size: int,
     iterations: int,
     warmup: int,
     device: torch.device,
-    amp: bool,
-    channels_last: bool,
+    amp: bool = False,
+    channels_last: bool = False,
 ) -> Row:
-    """Time ``iterations`` training steps of DeepLabv3+ on ``encoder`` (random weights and data).
+    """Time ``iterations`` training steps of a recipe's module on random data.
 
     Args:
-        encoder: timm encoder name.
-        gated_crf: a ``GatedCRFLoss`` module, or None for cross-entropy alone.
+        recipe: the name in :data:`RECIPES` (for the row).
+        module: the recipe's LightningModule (:func:`build_recipe`), already on ``device``.
+        datamodule: the recipe's data module (crop size, classes).
+        with_gated_crf: add the Gated CRF term.
         batch: images per step.
-        size: image side.
         iterations: timed steps (median reported).
         warmup: untimed steps first.
         device: where to run.
-        amp: bfloat16 autocast (CUDA).
+        amp: bfloat16 autocast of the network (the objective stays fp32).
         channels_last: model and images in channels-last memory format.
 
     Returns:
         The :class:`Row`.
     """
-    torch.manual_seed(0)
-    model = DeepLabV3Plus(encoder, num_classes=CLASSES, output_stride=16).to(device).train()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    rgb = torch.rand(batch, 3, size, size, device=device)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    images = ((rgb - mean) / std).contiguous(memory_format=memory_format)
-    labels = torch.randint(0, CLASSES, (batch, size, size), device=device)
-    labels[:, :, : size // 4] = IGNORE_INDEX  # weak labels: most pixels unlabelled
-    valid = torch.ones(batch, 1, size, size, device=device)
+    module = module.to(memory_format=memory_format).train()
+    data = _batch(module, datamodule, batch, device)
+    data["image"] = data["image"].contiguous(memory_format=memory_format)
+    target = data[module.cross_entropy_modality]
+    optimiser = module.optimizer_factory(module.parameters())
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            low, high = model(images)
-            loss = F.cross_entropy(high.float(), labels, ignore_index=IGNORE_INDEX)
-        if gated_crf is not None:
-            probs = torch.softmax(low.float(), dim=1)
-            if probs.shape[-1] != LOSS_RESOLUTION or probs.shape[-2] != LOSS_RESOLUTION:
-                probs = F.interpolate(
-                    probs, size=(LOSS_RESOLUTION,) * 2, mode="bilinear", align_corners=False
-                )
-            # σ_rgb in normalised units, as in the recipes: the loss sees the network input.
-            loss = loss + gated_crf(probs, {"rgb": images}, mask_src=valid)
+            output = module(data["image"])
+        loss = module.cross_entropy_weight * cross_entropy_loss(
+            output.high, target, module.class_weights
+        )
+        if module.dice_weight > 0:
+            loss = loss + module.dice_weight * dice_loss(output.high, target)
+        if with_gated_crf:
+            probs, features, mask_src = module.gated_crf_inputs(data, output)
+            gated_crf = module.gated_crf(probs, features, mask_src=mask_src)
+            loss = loss + module.gated_crf_weight * gated_crf
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iterations):
-        _synchronise(device)
-        start = time.perf_counter()
-        step()
-        _synchronise(device)
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+    memory = PeakMemory(device)
+    if device.type == "cuda":
+        memory.start()
+    seconds = median_time(step, iterations, device, warmup)
+    name = module.hparams["model_name"]
+    encoder = module.hparams.get("model_encoder_name")
     return Row(
-        encoder=encoder,
-        loss="CE" if gated_crf is None else "CE + GCRF",
+        recipe=recipe,
+        model=f"{name} {encoder}" if encoder else name,
+        loss="CE + GCRF" if with_gated_crf else "CE",
         batch=batch,
-        size=size,
-        ms_per_step=1000 * seconds,
+        size=datamodule.augmentation.crop_size,
+        ms_per_step=1e3 * seconds,
         images_per_s=batch / seconds,
+        peak_bytes=memory.peak_bytes() if device.type == "cuda" else None,
     )
 
 
-def _table(rows: list[Row]) -> str:
-    baseline = {(r.encoder, r.batch): r.ms_per_step for r in rows if r.loss == "CE"}
-    lines = [
-        "| encoder | loss | batch | size | ms / step | images / s | GCRF cost |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
+def step_table(rows: list[Row], title: str) -> ResultTable:
+    """The rows as a table, with the Gated CRF term's cost relative to the CE row of its recipe."""
+    baseline = {(r.recipe, r.batch): r.ms_per_step for r in rows if r.loss == "CE"}
+    with_peak = any(r.peak_bytes is not None for r in rows)
+    columns = ["recipe", "model", "loss", "batch", "size", "ms / step", "steps / s", "images / s",
+               "GCRF cost"] + (["peak memory"] if with_peak else [])  # fmt: skip
+    table = ResultTable(title, columns, left=3)
     for r in rows:
-        base = baseline.get((r.encoder, r.batch))
+        base = baseline.get((r.recipe, r.batch))
         cost = (
             "" if r.loss == "CE" or base is None else f"{100 * (r.ms_per_step / base - 1):+.1f} %"
         )
-        lines.append(
-            f"| {r.encoder} | {r.loss} | {r.batch} | {r.size}² | {r.ms_per_step:.0f} | "
-            f"{r.images_per_s:.2f} | {cost} |"
-        )
-    return "\n".join(lines)
+        cells = [r.recipe, r.model, r.loss, r.batch, f"{r.size}²", f"{r.ms_per_step:.0f}",
+                 f"{r.steps_per_s:.2f}", f"{r.images_per_s:.1f}", cost]  # fmt: skip
+        if with_peak:
+            cells.append("" if r.peak_bytes is None else f"{r.peak_bytes / 2**30:.1f} GiB")
+        table.add_row(*cells)
+    return table
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse the arguments, run the measurements, print a markdown table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--encoders", nargs="+", default=["resnet34", "resnet50"])
-    parser.add_argument("--size", type=int, default=256, help="image side (default 256)")
-    parser.add_argument("--batch", type=int, default=None, help="default: 2 on CPU, 16 on CUDA")
-    parser.add_argument("--iterations", type=int, default=None, help="default: 3 CPU, 20 CUDA")
-    parser.add_argument("--warmup", type=int, default=None, help="default: 1 CPU, 5 CUDA")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
-    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast for the network")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--no-loss", action="store_true", help="only the CE rows")
-    args = parser.parse_args(argv)
+def main(
+    recipes: list[Literal["voc", "cityscapes", "acdc", "synthetic"]] | None = None,
+    batch: int | None = None,
+    iterations: int | None = None,
+    warmup: int | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+    encoder: str | None = None,
+    amp: bool = False,
+    channels_last: bool = False,
+    no_loss: bool = False,
+    write_results: bool = False,
+    json_path: str | None = None,
+) -> list[Row]:
+    """Build each recipe's model, time its training step with and without the Gated CRF term.
 
-    device = torch.device(args.device)
+    Args:
+        recipes: names of :data:`RECIPES` (default: all).
+        batch: images per step (default: the recipe's batch size on CUDA, 2 on CPU).
+        iterations: timed steps (default: 3 on CPU, 10 on CUDA).
+        warmup: untimed steps first (default: 1 on CPU, 3 on CUDA).
+        device: ``cpu`` or ``cuda`` (default: cuda when available).
+        threads: CPU threads (default: torch's).
+        encoder: replace the recipes' timm encoder (e.g. ``resnet50``).
+        amp: bfloat16 autocast for the network.
+        channels_last: channels-last memory format.
+        no_loss: only the CE rows.
+        write_results: update this device's training-step table in ``benchmarks/RESULTS.md``.
+        json_path: also write the rows (and steps/s) as JSON there.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device.type == "cuda"
-    batch = args.batch or (16 if on_cuda else 2)
-    iterations = args.iterations or (20 if on_cuda else 3)
-    warmup = args.warmup if args.warmup is not None else (5 if on_cuda else 1)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    iterations = iterations or (10 if on_cuda else 3)
+    warmup = warmup if warmup is not None else (3 if on_cuda else 1)
+    if threads:
+        torch.set_num_threads(threads)
     if on_cuda:
         torch.backends.cudnn.benchmark = True
-
-    loss_class, unavailable = (
-        (None, "disabled by --no-loss") if args.no_loss else _load_gated_crf_loss()
-    )
-    losses: list[nn.Module | None] = [None]
-    if loss_class is not None:
-        losses.append(loss_class(KERNELS, radius=RADIUS).to(device))
-
-    name = (
+    for name in ("lightning.pytorch", "lightning.fabric"):  # no "Seed set", "GPU available"
+        logging.getLogger(name).setLevel(logging.WARNING)
+    rows = []
+    for recipe in recipes or list(RECIPES):
+        module, datamodule = build_recipe(recipe, encoder)
+        module = module.to(device)
+        size = batch or (datamodule.batch_size if on_cuda else 2)
+        for with_gated_crf in (False,) if no_loss else (False, True):
+            rows.append(
+                measure(
+                    recipe,
+                    module,
+                    datamodule,
+                    with_gated_crf,
+                    size,
+                    iterations,
+                    warmup,
+                    device,
+                    amp,
+                    channels_last,
+                )
+            )
+            print(rows[-1], flush=True)
+        del module
+    where = (
         torch.cuda.get_device_name(device) if on_cuda else f"CPU, {torch.get_num_threads()} threads"
     )
-    print(
-        f"DeepLabv3+ training step (fwd+bwd+SGD), OS16, {CLASSES} classes, device: {name}, "
-        f"amp: {args.amp}, channels_last: {args.channels_last}, median of {iterations} steps "
-        f"after {warmup} warm-up"
+    title = (
+        f"Training step (fwd + objective + bwd + optimiser), {where}, amp {amp}, channels_last "
+        f"{channels_last}, median of {iterations} steps after {warmup} warm-up"
     )
-    if loss_class is None:
-        print(f"Gated CRF loss unavailable ({unavailable}): CE rows only.")
-    rows = [
-        measure(
-            encoder,
-            loss,
-            batch,
-            args.size,
-            iterations,
-            warmup,
-            device,
-            args.amp,
-            args.channels_last,
+    table = step_table(rows, title)
+    table.print()
+    if write_results:
+        runs = f"median of {iterations} steps after {warmup} warm-up, amp {amp}"
+        block = (
+            f"{machine_header(device.type, torch.get_num_threads(), runs)}\n\n{table.markdown()}"
         )
-        for encoder in args.encoders
-        for loss in losses
-    ]
-    print()
-    print(_table(rows))
+        update_results(f"model-{device.type}-table", block, f"{device.type.upper()}: training step")
+    if json_path:
+        records = [{**asdict(r), "steps_per_s": r.steps_per_s} for r in rows]
+        Path(json_path).write_text(json.dumps(records, indent=1))
+    return rows
 
 
 if __name__ == "__main__":
-    main()
+    CLI(main)
