@@ -363,3 +363,32 @@ def test_docs_examples_run():
     assert len(blocks) >= 3
     for block in blocks:
         exec(compile(block, "docs/crf.md", "exec"), {})
+
+
+def test_subnormal_values_are_flushed_without_touching_the_input():
+    """The torch backend drops subnormal field values and affinities (slow on a CPU, below fp32
+    precision): the message equals the reference, and the caller's field keeps them."""
+    tiny = torch.finfo(torch.float32).tiny
+    field = torch.rand(1, 3, 6, 7)
+    field[0, 0, :3] = tiny / 8  # subnormal probabilities, as a converged mean field has
+    before = field.clone()
+    image = torch.zeros(1, 3, 6, 7)
+    image[..., 4:] = 1.0  # a colour edge far beyond σ: affinities across it underflow
+    window = gated_window({"rgb": image}, [{"weight": 1.0, "xy": 2.0, "rgb": 0.05}], 2)
+    from gcrf.loss import window_message
+    from tests.loss_reference import naive_window_message
+
+    message = window_message(window, field, backend="torch")
+    assert torch.equal(field, before)  # subnormals still there: nothing modified in place
+    expected = naive_window_message(
+        field,
+        window.features,
+        window.kernel_slices,
+        window.kernel_weights,
+        window.kernel_pos_scales,
+        2,
+        None,
+        None,
+    )
+    torch.testing.assert_close(message.double(), expected, rtol=1e-6, atol=1e-30)  # fmt: skip
+    assert not bool(((message != 0) & (message.abs() < tiny)).any())  # no subnormal left

@@ -19,8 +19,10 @@ side of each pair (half the work). The affinity is never stored: memory is O(N·
 of the radius. The message op's backward is the message of the upstream gradient with the gate
 transposed (masks swapped), computed by the same sweep.
 
-Accumulation is in float32 (float64 for float64 inputs). Every reduction is a plain torch reduction
-in a fixed order, so results are bitwise reproducible run to run on the same machine. The offset loop
+Accumulation is in float32 (float64 for float64 inputs), with subnormal values flushed to zero
+(:func:`_flush`: they cost a CPU tens of times the time of normal numbers and are below the
+precision of every sum). Every reduction is a plain torch reduction in a fixed order, so results are
+bitwise reproducible run to run on the same machine. The offset loop
 is plain Python over a fixed list: ``torch.compile`` unrolls it without graph breaks.
 """
 
@@ -124,7 +126,12 @@ def _offset_affinity(
         if squared is None:
             # One difference over all feature channels, shared by every kernel.
             squared = torch.sub(features[side_i], features[side_j]).square_()
-        term = squared[:, start:stop].sum(dim=1, keepdim=True).mul_(-0.5).exp_()
+        exponent = squared[:, start:stop].sum(dim=1, keepdim=True).mul_(-0.5)
+        # Below e·(smallest normal) a term is 0 rather than subnormal (see _flush): the exponent is
+        # clamped (exp of it stays normal and fast) and what was clamped set to 0.
+        floor = _EXP_FLOOR[exponent.dtype]
+        term = exponent.clamp_(min=floor).exp_()
+        term = torch.nn.functional.threshold_(term, 1.5 * math.exp(floor), 0.0)
         if coefficient != 1.0:
             term = term.mul_(coefficient)
         affinity = term if affinity is None else affinity.add_(term)
@@ -133,6 +140,24 @@ def _offset_affinity(
     if constant != 0.0:
         affinity = affinity.add_(constant)
     return affinity
+
+
+#: ln(e · smallest normal) per dtype: the lowest exponent of a Gaussian term that is kept.
+_EXP_FLOOR = {
+    dtype: math.log(torch.finfo(dtype).tiny) + 1.0 for dtype in (torch.float32, torch.float64)
+}
+
+
+def _flush(tensor: Tensor) -> Tensor:
+    """``tensor`` with its subnormal values (|x| below the dtype's smallest normal) set to 0.
+
+    A CPU computes with subnormals tens of times slower than with normal numbers, and mean field
+    makes them common: probabilities that converge to one-hot and affinities of distant colours
+    fall below 1.2e-38 (fp32). They are below the precision of every sum they enter (the results
+    in fp32 are unchanged), so the torch backend drops them, as a GPU's flush-to-zero mode does.
+    Out of place: the input may be the caller's tensor.
+    """
+    return torch.where(tensor.abs() < torch.finfo(tensor.dtype).tiny, 0.0, tensor)
 
 
 def _as_region_tensor(
@@ -278,7 +303,7 @@ class _PairwiseSum(torch.autograd.Function):
         acc = accumulation_dtype(probs.dtype)
         needs_grad = ctx.needs_input_grad[0]
         total, grad = _sweep(
-            probs.to(acc),
+            _flush(probs.to(acc)),
             features.to(acc),
             kernel_slices,
             kernel_weights,
@@ -396,7 +421,7 @@ def _message(
 ) -> Tensor:
     """``M_i = m_dst(i) Σ_j K_ij m_src(j) v_j`` over the half window, both directions per pair."""
     acc = accumulation_dtype(field.dtype)
-    source = field.to(acc)
+    source = _flush(field.to(acc))
     if mask_src is not None:
         source = source * mask_src.to(acc)
     message = torch.zeros_like(source)
