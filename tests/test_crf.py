@@ -31,6 +31,24 @@ from tests.loss_reference import naive_mean_field_crf
 
 KERNELS = [{"weight": 1.5, "xy": 2.0}, {"weight": 2.0, "xy": 3.0, "rgb": 0.4}]
 REPOSITORY = Path(__file__).resolve().parents[1]
+# The Triton backend runs on CUDA where there is a GPU, else in Triton's CPU interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _on(device: str, value):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _on(device, item) for key, item in value.items()}
+    return value
+
+
+def refine(backend: str, *args, **kwargs) -> torch.Tensor:
+    """``mean_field_crf`` on the backend's device (CUDA for Triton when present), result on CPU."""
+    device = DEVICE if backend == "triton" else "cpu"
+    args = [_on(device, a) for a in args]
+    kwargs = {key: _on(device, value) for key, value in kwargs.items()}
+    return mean_field_crf(*args, backend=backend, **kwargs).cpu()
 
 
 @pytest.fixture(params=["torch", "triton"])
@@ -60,7 +78,7 @@ def _compatibility(c: int, seed: int) -> torch.Tensor:
 
 
 def _check(backend, logits, features, kernels, radius, iterations, rtol=1e-10, atol=1e-10, **kw):
-    ours = mean_field_crf(logits, features, kernels, radius, iterations, backend=backend, **kw)
+    ours = refine(backend, logits, features, kernels, radius, iterations, **kw)
     ref = naive_mean_field_crf(logits, features, kernels, radius, iterations, **kw)
     assert ours.shape == logits.shape and ours.dtype == logits.dtype
     torch.testing.assert_close(ours.double(), ref, rtol=rtol, atol=atol)
@@ -91,16 +109,16 @@ def test_compatibility_as_given(backend):
     logits = _rand(2, 3, 6, 7, seed=4, scale=2)
     features = {"rgb": torch.rand(2, 3, 6, 7, dtype=torch.float64)}
     ours = _check(backend, logits, features, KERNELS, 2, 3, compatibility=_compatibility(3, 5))
-    potts = mean_field_crf(logits, features, KERNELS, 2, 3, backend=backend)
+    potts = refine(backend, logits, features, KERNELS, 2, 3)
     assert not torch.allclose(ours, potts)
 
 
 def test_potts_matrix_equals_default(backend):
     logits = _rand(1, 4, 5, 6, seed=6)
     features = {"rgb": torch.rand(1, 3, 5, 6, dtype=torch.float64)}
-    default = mean_field_crf(logits, features, KERNELS, 2, 3, backend=backend)
-    explicit = mean_field_crf(logits, features, KERNELS, 2, 3, backend=backend,
-                              compatibility=1 - torch.eye(4, dtype=torch.float64))  # fmt: skip
+    default = refine(backend, logits, features, KERNELS, 2, 3)
+    potts_matrix = 1 - torch.eye(4, dtype=torch.float64)
+    explicit = refine(backend, logits, features, KERNELS, 2, 3, compatibility=potts_matrix)
     torch.testing.assert_close(default, explicit, rtol=1e-12, atol=1e-12)
 
 
@@ -121,7 +139,7 @@ def test_low_precision_logits(backend):
     features = {"rgb": torch.rand(1, 3, 8, 8)}
     for dtype in (torch.bfloat16, torch.float16):
         low = logits32.to(dtype)
-        ours = mean_field_crf(low, features, KERNELS, 2, 3, backend=backend)
+        ours = refine(backend, low, features, KERNELS, 2, 3)
         ref = naive_mean_field_crf(low, features, KERNELS, 2, 3)
         assert ours.dtype == dtype
         resolution = torch.finfo(dtype).eps
@@ -134,7 +152,7 @@ def test_gradients_of_logits_and_learnable_compatibility(backend):
     features = {"rgb": torch.rand(2, 3, 5, 6, dtype=torch.float64)}
     masks = {"mask_src": _mask(2, 5, 6, seed=14), "mask_dst": _mask(2, 5, 6, seed=15)}
     upstream = _rand(2, 3, 5, 6, seed=16)
-    ours = mean_field_crf(logits, features, KERNELS, 2, 3, mu, backend=backend, **masks)
+    ours = refine(backend, logits, features, KERNELS, 2, 3, mu, **masks)
     g_logits, g_mu = torch.autograd.grad(ours, (logits, mu), upstream)
     ref = naive_mean_field_crf(logits, features, KERNELS, 2, 3, mu, **masks)
     r_logits, r_mu = torch.autograd.grad(ref, (logits, mu), upstream)

@@ -1,8 +1,8 @@
-"""The self-check of ``backend="auto"`` (gcrf.loss.selfcheck), tested on a CPU.
+"""The self-check of ``backend="auto"`` (gcrf.loss.selfcheck).
 
-Triton's interpreter stands in for the GPU: ``backends._on_cuda`` is patched so that "auto" treats
-the CPU tensors as CUDA tensors, and the Triton backend is made to disagree or fail by patching
-``gcrf.kernels.gated_crf``. A correct Triton path must be kept, a wrong one replaced by the torch
+On a GPU machine the tensors are CUDA tensors. Without one, Triton's interpreter stands in:
+``backends._on_cuda`` is patched so that "auto" treats the CPU tensors as CUDA tensors. The Triton
+backend is made to disagree or fail by patching ``gcrf.kernels.gated_crf``. A correct Triton path must be kept, a wrong one replaced by the torch
 backend for that key (one warning, a cached verdict, reported by ``available_backends``), and an
 explicit ``backend="triton"`` must never be redirected.
 """
@@ -25,6 +25,7 @@ from gcrf.loss import (
 )
 
 KERNELS = [{"weight": 1.0, "xy": 3.0, "rgb": 0.3}]
+DEVICE = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -37,12 +38,15 @@ def _fresh_verdicts(monkeypatch: pytest.MonkeyPatch):
 
 @pytest.fixture
 def cpu_as_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backends, "_on_cuda", lambda tensor: True)
+    """Without a GPU, "auto" treats the (interpreted) CPU tensors as CUDA tensors."""
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(backends, "_on_cuda", lambda tensor: True)
 
 
 def _probs(dtype=torch.float32, *spatial: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
-    return torch.softmax(torch.randn(1, 3, *(spatial or (5, 6)), generator=g), 1).to(dtype)
+    probs = torch.softmax(torch.randn(1, 3, *(spatial or (5, 6)), generator=g), 1)
+    return probs.to(DEVICE, dtype)
 
 
 def _count_checks(monkeypatch) -> list:
@@ -89,7 +93,7 @@ def test_a_disagreeing_kernel_falls_back_once_with_one_warning(cpu_as_cuda, monk
     assert not status.usable and "message, source gate" in status.reason
     # An explicit request is never redirected, and the loss still computes correctly via "auto".
     assert choose_backend("triton", probs, 2) == "triton"
-    features = {"rgb": torch.rand(1, 3, 5, 6)}
+    features = {"rgb": torch.rand(1, 3, 5, 6, device=DEVICE)}
     expected = gated_crf_loss(probs, features, KERNELS, 2, backend="torch")
     assert torch.equal(gated_crf_loss(probs, features, KERNELS, 2, backend="auto"), expected)
 
@@ -120,27 +124,27 @@ def test_the_environment_variable_turns_it_off(cpu_as_cuda, monkeypatch):
     monkeypatch.setenv(selfcheck.SELF_CHECK_ENV, "0")
     monkeypatch.setattr(gated_crf, "window_message", _wrong_message)
     assert choose_backend("auto", _probs(), 2) == "triton"
-    assert selfcheck.cached_verdict("cpu", torch.float32, 2) is None
+    assert selfcheck.cached_verdict(DEVICE, torch.float32, 2) is None
 
 
 def test_verify_triton_compares_the_given_backends():
     reference = backends.get_backend("torch")
-    assert verify_triton("cpu", torch.float32, 2, triton=reference).ok
+    assert verify_triton(DEVICE, torch.float32, 2, triton=reference).ok
     wrong = backends.Backend(
         reference.pairwise_sum,
         reference.window_affinity,
         lambda window, field: reference.window_message(window, field) + 1e-3,
     )
     selfcheck._VERDICTS.clear()
-    verdict = verify_triton("cpu", torch.float32, 2, triton=wrong)
+    verdict = verify_triton(DEVICE, torch.float32, 2, triton=wrong)
     assert not verdict.ok and verdict.case == "message, source gate"
-    assert verify_triton("cpu", torch.float32, 2) is verdict  # cached, not run again
+    assert verify_triton(DEVICE, torch.float32, 2) is verdict  # cached, not run again
 
 
 def test_a_compiled_trace_never_runs_the_check(cpu_as_cuda, monkeypatch):
     # No verdict yet: the trace uses the torch backend (a wrong Triton kernel is never traced in).
     monkeypatch.setattr(gated_crf, "gated_crf_pairwise_sum", lambda inputs: torch.tensor(-1.0))
-    features = {"rgb": torch.rand(1, 3, 5, 6)}
+    features = {"rgb": torch.rand(1, 3, 5, 6, device=DEVICE)}
 
     def loss(p):
         return gated_crf_loss(p, features, KERNELS, 2, backend="auto")
@@ -148,5 +152,5 @@ def test_a_compiled_trace_never_runs_the_check(cpu_as_cuda, monkeypatch):
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     probs = _probs()
     value = compiled(probs)
-    assert selfcheck.cached_verdict("cpu", torch.float32, 2) is None  # nothing ran in the trace
+    assert selfcheck.cached_verdict(DEVICE, torch.float32, 2) is None  # nothing ran in the trace
     torch.testing.assert_close(value, gated_crf_loss(probs, features, KERNELS, 2, backend="torch"))
