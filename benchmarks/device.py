@@ -20,9 +20,10 @@ so whatever ran is kept even if a later step fails or the run is killed.
 | `roofline` | 30 s | fp32 / bf16 matmul FLOP/s and device-copy bandwidth on this GPU (`python -m benchmarks.roofline`) |
 | `loss` | 90 s | the Gated CRF loss fwd+bwd at the published VOC step (48×21×64²) and the large shape (8×21×512²), r = 5: Triton, torch backend, published unfold; fp32 and bf16; peak memory; bitwise repeats (`python -m benchmarks.loss`) |
 | `cuda_tests` | 60 s | `pytest -m cuda tests` (the CUDA-only tests) |
-| `kernel_tests` | 120 s | `pytest tests/test_kernels.py tests/test_backend_contract.py tests/test_crf.py -m "not cuda and not slow"`: the tests of the Triton kernels, compiled on the GPU instead of interpreted |
+| `selfcheck` | 30 s | the cost of the Triton self-check of `backend="auto"` per dtype and rank, with an empty and with a filled Triton cache (`python -m benchmarks.selfcheck`) |
+| `kernel_tests` | 100 s | `pytest tests/test_kernels.py tests/test_backend_contract.py tests/test_crf.py tests/test_selfcheck.py -m "not cuda and not slow"`: the tests of the Triton kernels, compiled on the GPU instead of interpreted |
 | `train_step` | 90 s | one training step of each recipe's default model, with and without the Gated CRF term (`python -m benchmarks.model`) |
-| `data` | 45 s | the data pipeline's samples/s per loader worker (`python -m benchmarks.data`), put against the measured steps/s |
+| `data` | 35 s | the data pipeline's samples/s per loader worker (`python -m benchmarks.data`), put against the measured steps/s |
 | `crf` | 90 s | mean-field CRF refinement, Triton / torch / unfold (`python -m benchmarks.crf`; only where `gcrf.crf` exists) |
 
 The budgets add up to 525 s, under the default ``--deadline_s`` of 540 s (a 10-minute command
@@ -97,7 +98,12 @@ UNFOLD_SPEEDUP = 30.0
 TORCH_SPEEDUP = 3.0
 ROOFLINE_FRACTION = 0.5
 #: The tests that run the Triton kernels (under the interpreter on a CPU machine).
-KERNEL_TESTS = ("tests/test_kernels.py", "tests/test_backend_contract.py", "tests/test_crf.py")
+KERNEL_TESTS = (
+    "tests/test_kernels.py",
+    "tests/test_backend_contract.py",
+    "tests/test_crf.py",
+    "tests/test_selfcheck.py",
+)
 
 
 @dataclass(frozen=True)
@@ -140,13 +146,16 @@ def plan() -> list[Step]:
         Step("cuda_tests", 60, "pytest -m cuda (the CUDA-only tests)",
              (*pytest, "-m", "cuda", "--junitxml", "{work}/cuda_tests.xml", "tests"),
              "cuda_tests.xml"),
-        Step("kernel_tests", 120, "the kernel tests, compiled on the GPU (no interpreter)",
+        Step("selfcheck", 30, "the Triton self-check of backend='auto': its cost per dtype and rank",
+             ("-m", "benchmarks.selfcheck", "--json_path", "{work}/selfcheck.json"),
+             "selfcheck.json"),
+        Step("kernel_tests", 100, "the kernel tests, compiled on the GPU (no interpreter)",
              (*pytest, *workers, "-m", "not cuda and not slow", "--junitxml",
               "{work}/kernel_tests.xml", *KERNEL_TESTS), "kernel_tests.xml"),
         Step("train_step", 90, "a training step per recipe, with and without the Gated CRF term",
              ("-m", "benchmarks.model", "--device", "cuda", "--json_path",
               "{work}/train_step.json"), "train_step.json"),
-        Step("data", 45, "data pipeline samples/s per loader worker (CPU)",
+        Step("data", 35, "data pipeline samples/s per loader worker (CPU)",
              ("-m", "benchmarks.data", "--samples", "15", "--json_path", "{work}/data.json"),
              "data.json"),
         Step("crf", 90, "mean-field CRF: Triton / torch / unfold",
@@ -385,6 +394,7 @@ def render(report: dict[str, Any]) -> str:
     from benchmarks.crf import crf_table
     from benchmarks.loss import loss_table
     from benchmarks.model import Row, step_table
+    from benchmarks.selfcheck import selfcheck_table
 
     info = report["environment"]
     parts = [
@@ -413,6 +423,10 @@ def render(report: dict[str, Any]) -> str:
     crf = _result(report, "crf")
     if crf:
         parts += ["**Mean-field CRF**", crf_table(crf, peaks).markdown()]
+    checks = _result(report, "selfcheck")
+    if checks:
+        parts += ["**Self-check** of `backend=\"auto\"` (`gcrf.loss.verify_triton`)",
+                  selfcheck_table(checks).markdown()]  # fmt: skip
     train = _result(report, "train_step")
     if train:
         fields = Row.__dataclass_fields__

@@ -139,6 +139,12 @@ def test_render_on_fake_results(tmp_path):
         {"name": "data", "budget_s": 45, "status": "ok", "seconds": 10, "result": [
             {"case": "voc", "batch_size": 48, "gcrf_ms": 10.0, "gcrf_samples_per_s": 100.0}]},
         {"name": "crf", "budget_s": 60, "status": "timed out after 60 s", "seconds": 60},
+        {"name": "selfcheck", "budget_s": 30, "status": "ok", "seconds": 9, "result": [
+            {"dtype": "float32", "rank": 2, "cold": {"ok": True, "seconds": 3.25, "case": "",
+             "error": ""}, "warm": {"ok": True, "seconds": 0.04, "case": "", "error": ""}},
+            {"dtype": "bfloat16", "rank": 2, "cold": {"ok": False, "seconds": 2.0,
+             "case": "message, source gate", "error": "the value differs"},
+             "warm": {"ok": True, "seconds": 0.05, "case": "", "error": ""}}]},
     ]  # fmt: skip
     report["targets"] = [vars(t) for t in device.evaluate_targets(report)]
     text = device.render(report)
@@ -154,6 +160,11 @@ def test_render_on_fake_results(tmp_path):
         "`cuda_tests`: 3 passed, 1 failed, 1 skipped — failed: `tests.test_kernels::test_b`" in text
     )
     assert "| crf | 60 s | 60 s | timed out after 60 s |" in text
+    assert "| float32 | 2 | pass | 3.25 s | 0.04 s |" in text
+    assert (
+        "| bfloat16 | 2 | FAILED: message, source gate the value differs | 2.00 s | 0.05 s |"
+        in text
+    )
     assert (
         "| Triton vs published unfold, 8×512×512, C=21, r=5, fp32 | ≥ 30× faster | 50.0× | **pass** |"
         in text
@@ -228,7 +239,7 @@ def test_plan_commands_are_accepted_by_their_programs():
     work = REPOSITORY / "runs" / "device-test"
     commands = [[*step.command(work), "--print_config"] for step in device.plan()
                 if step.args[1].startswith("benchmarks.")]  # fmt: skip
-    assert len(commands) == 5
+    assert len(commands) == 6
     runs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=_without_cuda(), cwd=REPOSITORY) for c in commands]  # fmt: skip
     for command, run in zip(commands, runs, strict=True):
