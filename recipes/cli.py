@@ -46,6 +46,7 @@ from lightning.pytorch.plugins.layer_sync import LayerSync
 from gcrf.data import WeakSegmentationDataModule
 from gcrf.loss import DEFAULT_KERNELS
 from gcrf.training import (
+    CRFSetting,
     SegmentationModule,
     SegmentationVisualizer,
     TimmSyncBatchNorm,
@@ -210,11 +211,12 @@ class SegmentationRecipe(SegmentationModule):
     """The model a recipe trains: a SegmentationModule built from flat settings.
 
     The arguments below are the settings the recipe turns into objects (the network, the Gated CRF
-    loss, the optimiser and scheduler factories, the CE class weights); every other keyword
-    argument of :class:`~gcrf.training.SegmentationModule` (``cross_entropy_modality``,
-    ``cross_entropy_weight``, ``dice_weight``, ``gated_crf_weight``, ``gated_crf_resolution``,
-    ``gated_crf_use_after_progress_ratio``, ``compile_network``) is passed on as it is. On the
-    command line they are the flags of :func:`recipe_model`.
+    loss, the two mean-field CRFs, the optimiser and scheduler factories, the CE class weights);
+    every other keyword argument of :class:`~gcrf.training.SegmentationModule`
+    (``cross_entropy_modality``, ``cross_entropy_weight``, ``dice_weight``, ``gated_crf_weight``,
+    ``gated_crf_resolution``, ``gated_crf_use_after_progress_ratio``, ``compile_network``,
+    ``crf_refinement_monitor``) is passed on as it is. On the command line they are the flags of
+    :func:`recipe_model`.
 
     Args:
         num_classes: number of classes (linked from the data module; no need to pass it).
@@ -235,6 +237,26 @@ class SegmentationRecipe(SegmentationModule):
             natural images, ``intensity`` for ACDC); ``None``: the published kernel
             ``gcrf.loss.DEFAULT_KERNELS``.
         gated_crf_radius: window radius r (window (2r+1)²).
+        crf_refinement: refine the validation logits with a mean-field CRF
+            (``gcrf.crf.MeanFieldCRF`` of the ``crf_refinement_*`` settings) and log the refined
+            metrics beside the raw ones (``val/mIoU_crf``; ``val/dice_crf``, ``val/hd95_crf``).
+        crf_refinement_kernels: the validation CRF's kernels, appearance term named by the data
+            module's ``image_modality``, positions in pixels of the refined logits (the image's
+            pixels for images, the inference size for volumes); ``None``: the Gated CRF kernels.
+        crf_refinement_radius: the validation CRF's window radius.
+        crf_refinement_iterations: the validation CRF's mean-field iterations.
+        crf_refinement_compatibility: the validation CRF's C×C compatibility μ (non-negative,
+            used as given); ``None``: Potts.
+        crf_layer: a mean-field CRF as a layer of the model (CRF-as-RNN): it refines the
+            network's ``low`` logits in every forward, so the losses see the refined logits.
+        crf_layer_kernels: the layer's kernels (positions in pixels of the network's ``low``
+            logits: stride 4 for DeepLabv3+, 1 for UNet); ``None``: the Gated CRF kernels.
+        crf_layer_radius: the layer's window radius.
+        crf_layer_iterations: the layer's mean-field iterations.
+        crf_layer_compatibility: the layer's C×C compatibility μ (its start when learnt);
+            ``None``: Potts.
+        crf_layer_learn_compatibility: learn the layer's μ with the network, kept non-negative
+            as softplus(θ) (``gcrf.training.refinement.Softplus``).
         optimizer: ``sgd`` or ``adam``.
         optimizer_kwargs: optimiser keyword arguments (``None``: the published DeepLab SGD settings).
         lr_scheduler: ``poly`` (per-step polynomial decay over ``trainer.max_steps``) or ``none``.
@@ -260,6 +282,17 @@ class SegmentationRecipe(SegmentationModule):
         gated_crf: bool = False,
         gated_crf_kernels: list[dict[str, float]] | None = None,
         gated_crf_radius: int = 5,
+        crf_refinement: bool = False,
+        crf_refinement_kernels: list[dict[str, float]] | None = None,
+        crf_refinement_radius: int = 5,
+        crf_refinement_iterations: int = 5,
+        crf_refinement_compatibility: list[list[float]] | None = None,
+        crf_layer: bool = False,
+        crf_layer_kernels: list[dict[str, float]] | None = None,
+        crf_layer_radius: int = 5,
+        crf_layer_iterations: int = 5,
+        crf_layer_compatibility: list[list[float]] | None = None,
+        crf_layer_learn_compatibility: bool = False,
         optimizer: Literal["sgd", "adam"] = "sgd",
         optimizer_kwargs: dict[str, Any] | None = None,
         lr_scheduler: Literal["poly", "none"] = "poly",
@@ -270,10 +303,30 @@ class SegmentationRecipe(SegmentationModule):
         network = build_network(
             model_name, model_encoder_name, num_classes, model_pretrained, model_kwargs
         )
+        refinement = CRFSetting(
+            crf_refinement_kernels or kernels,
+            crf_refinement_radius,
+            crf_refinement_iterations,
+            crf_refinement_compatibility,
+        )
+        layer = CRFSetting(
+            crf_layer_kernels or kernels,
+            crf_layer_radius,
+            crf_layer_iterations,
+            crf_layer_compatibility,
+        )
         super().__init__(
             network,
             num_classes,
             gated_crf=build_gated_crf_loss(kernels, gated_crf_radius) if gated_crf else None,
+            crf_refinement=refinement.build(num_classes=num_classes) if crf_refinement else None,
+            crf_layer=(
+                layer.build(
+                    learn_compatibility=crf_layer_learn_compatibility, num_classes=num_classes
+                )
+                if crf_layer
+                else None
+            ),
             optimizer=make_optimizer_factory(optimizer, optimizer_kwargs),
             lr_scheduler=(
                 make_poly_scheduler_factory(lr_scheduler_power) if lr_scheduler == "poly" else None
@@ -300,6 +353,8 @@ _OBJECTS = (
     "network",
     "num_classes",
     "gated_crf",
+    "crf_refinement",
+    "crf_layer",
     "class_weights",
     "optimizer",
     "lr_scheduler",
@@ -439,7 +494,9 @@ class RecipeCLI(LightningCLI):
 
         The default callbacks (:func:`gcrf.training.default_callbacks`) keep the best checkpoint
         by the metric the data module declares (``monitor``, ``monitor_mode``; a data module that
-        declares none is taken to serve images: ``val/mIoU``, higher is better). They step aside
+        declares none is taken to serve images: ``val/mIoU``, higher is better), or by its
+        refined twin with ``--model.crf_refinement_monitor true``
+        (:meth:`gcrf.training.SegmentationModule.monitored_metric`). They step aside
         where a ``--trainer.*`` flag turns their job off (``enable_checkpointing false``: no
         checkpoint callbacks; ``enable_progress_bar false``: no progress bar), instead of
         Lightning refusing the combination. :class:`~gcrf.training.TimmSyncBatchNorm` stands
@@ -450,8 +507,9 @@ class RecipeCLI(LightningCLI):
         # The trainer's settings as parsed (under the subcommand's key when there is one).
         parsed = self.config_init[self.subcommand] if self.subcommand else self.config_init
         config = {**parsed.get("trainer", {}), **kwargs}
+        declared = getattr(self.datamodule, "monitor", WeakSegmentationDataModule.monitor)
         callbacks = default_callbacks(
-            monitor=getattr(self.datamodule, "monitor", WeakSegmentationDataModule.monitor),
+            monitor=self.model.monitored_metric(declared),
             monitor_mode=getattr(
                 self.datamodule, "monitor_mode", WeakSegmentationDataModule.monitor_mode
             ),

@@ -5,8 +5,9 @@ one way every recipe does (LightningCLI: the whole configuration in ``config.yam
 and TensorBoard hyperparameters) and only chooses the settings (in gcrf's names, turned into flags
 by :func:`recipes.cli.command_line_args`). :func:`run_side_by_side` trains them in worker
 processes (spawned, one torch thread each by default) and returns the final validation metrics of
-each. The runs share one console: every line a run logs starts with its name (``[full] step
-50/1000 | train/loss …``).
+each; a run may name a function to call in its process once training is over (``RunSpec.after``:
+e.g. choose a CRF setting on the training data and validate again with it). The runs share one
+console: every line a run logs starts with its name (``[full] step 50/1000 | train/loss …``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import multiprocessing
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,12 +40,19 @@ __all__ = [
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run: a name, what it is, the recipe module and its arguments."""
+    """One run: a name, what it is, the recipe module and its arguments.
+
+    ``after``, when given, is called in the run's process with the recipe's CLI object once
+    training is over (a module-level function or a ``functools.partial`` of one: it travels to a
+    spawned process); it may validate again, and what it returns is kept in
+    :attr:`RunResult.extra`. The run's metrics are read after it.
+    """
 
     name: str
     description: str
     recipe: str  #: module path, e.g. ``"recipes.acdc_scribbles"``
     args: tuple[str, ...] = ()
+    after: Callable[[Any], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -58,6 +66,7 @@ class RunResult:
     steps: int = 0
     log_dir: str = ""
     checkpoint: str = ""  #: the weights at the last step (``last.ckpt``), "" without checkpoints
+    extra: dict[str, Any] = field(default_factory=dict)  #: what ``RunSpec.after`` returned
 
     @property
     def miou(self) -> float:
@@ -138,7 +147,8 @@ def _run(spec: RunSpec, threads: int) -> RunResult:
     start = time.monotonic()
     with labelled_console(spec.name):
         cli = main(list(spec.args))
-    seconds = time.monotonic() - start
+        seconds = time.monotonic() - start
+        extra = spec.after(cli) if spec.after is not None else {}
     metrics = {
         key: float(value)
         for key, value in cli.trainer.callback_metrics.items()
@@ -155,6 +165,7 @@ def _run(spec: RunSpec, threads: int) -> RunResult:
         int(cli.trainer.global_step),
         str(log_dir),
         last[0] if last else "",
+        dict(extra),
     )
 
 

@@ -497,7 +497,7 @@ def test_volume_validation_scores_the_slice_by_slice_prediction(tmp_path, tree) 
     assert metrics["val/hd95"] == pytest.approx(float(expected["hd95"]), abs=1e-4)
 
 
-def test_acdc_compare_runs_the_three_settings(tmp_path, tree, capsys) -> None:
+def test_acdc_compare_runs_the_settings_raw_and_refined(tmp_path, tree, capsys) -> None:
     from recipes import acdc_compare
 
     root, _ = tree
@@ -509,16 +509,27 @@ def test_acdc_compare_runs_the_three_settings(tmp_path, tree, capsys) -> None:
             "--batch_size=2",
             "--model_encoder_name=resnet10t",
             "--decoder_channels=[16, 16, 8, 8, 8, 8]",
+            "--crf_grid={weights: [1.0, 2.0], xy: [2.0], intensity: [0.1], radii: [2], volumes: 2}",
             f"--output_dir={tmp_path / 'runs'}",
             "--workers=1",
         ]
     )
-    assert [r.name for r in results] == ["full", "pce", "pce_gatedcrf"]
+    names = ["full", "pce", "pce_gatedcrf", "pce_gatedcrf_crflayer"]
+    assert [r.name for r in results] == names
     assert all(r.steps == 2 and 0 <= r.metrics["val/dice"] <= 1 for r in results)
+    assert all(0 <= r.metrics["val/dice_crf"] <= 1 and "val/hd95_crf" in r.metrics for r in results)
+    # Each run's refinement was chosen on 2 training volumes among the grid's two settings.
+    assert all(r.extra["selection_volumes"] == 2 for r in results)
+    assert all("radius 2, 5 iterations" in r.extra["crf_setting"] for r in results)
+    assert np.array(results[3].extra["crf_layer_compatibility"]).shape == (4, 4)
     printed = capsys.readouterr().out
     assert "closes" in printed and "pce_gatedcrf" in printed
     progress = [line for line in printed.splitlines() if "step 2/2 |" in line]
-    assert sorted(line.split()[1] for line in progress) == ["[full]", "[pce]", "[pce_gatedcrf]"]
+    assert sorted(line.split()[1] for line in progress) == [f"[{n}]" for n in sorted(names)]
+    for name in names:  # every run's chosen setting, on a line labelled with the run
+        assert any(
+            line.startswith(f"[{name}] ") and "CRF chosen" in line for line in printed.splitlines()
+        )
     # The Gated CRF run's kernel: the recipe's, σ_xy scaled from 256² to 32², on "intensity".
     config = yaml.safe_load(
         next((tmp_path / "runs" / "pce_gatedcrf").rglob("config.yaml")).read_text()
@@ -527,8 +538,14 @@ def test_acdc_compare_runs_the_three_settings(tmp_path, tree, capsys) -> None:
         {"weight": 1.0, "xy": 0.75, "intensity": 0.1}
     ]
     assert config["model"]["loss_gatedcrf_radius"] == 1
+    # The layer's run: the loss's kernel and radius, μ learnt.
+    config = yaml.safe_load(
+        next((tmp_path / "runs" / "pce_gatedcrf_crflayer").rglob("config.yaml")).read_text()
+    )
+    assert config["model"]["crf_layer"] and config["model"]["crf_layer_learn_compatibility"]
+    assert config["model"]["crf_layer_kernels"] == [{"weight": 1.0, "xy": 0.75, "intensity": 0.1}]
     # Each run went through its recipe: its configuration is on disk.
-    assert len(list((tmp_path / "runs").rglob("config.yaml"))) == 3
+    assert len(list((tmp_path / "runs").rglob("config.yaml"))) == 4
 
 
 @pytest.mark.parametrize("padding_label", [0, IGNORE_INDEX])

@@ -230,8 +230,19 @@ def test_demo_runs_three_settings_and_prints_the_table(tmp_path, capfd, workers)
     )
     assert [r.name for r in results] == ["full", "scribbles", "scribbles_gatedcrf"]
     assert all(r.steps == 2 and 0.0 <= r.miou <= 1.0 for r in results)
+    # Every run validated raw and with the synthetic recipe's refinement, stated once.
+    assert all(0.0 <= r.metrics["val/mIoU_crf"] <= 1.0 for r in results)
     out = capfd.readouterr().out  # the runs' processes write to the terminal itself
     assert "Gated CRF closes" in out and str(tmp_path) in out
+    from gcrf.training import CRFSetting
+    from recipes.presets import SYNTHETIC
+
+    setting = CRFSetting(
+        SYNTHETIC["model.crf_refinement_kernels"],
+        SYNTHETIC["model.crf_refinement_radius"],
+        SYNTHETIC["model.crf_refinement_iterations"],
+    )
+    assert f"refined by {setting}" in " ".join(out.split())
     # Every progress line says which run it belongs to (the runs share one console).
     progress = [line for line in out.splitlines() if "step 2/2 |" in line]
     labels = sorted(line.split()[1] for line in progress)
@@ -245,7 +256,7 @@ def test_demo_runs_three_settings_and_prints_the_table(tmp_path, capfd, workers)
         assert hparams["cross_entropy_modality"] == (
             "semseg_dense" if result.name == "full" else "semseg_scribbles"
         )
-        assert hparams["gated_crf_weight"] == 0.5
+        assert hparams["gated_crf_weight"] == 0.5 and hparams["crf_refinement"]
         config = yaml.safe_load((Path(result.log_dir) / "config.yaml").read_text())
         assert config["trainer"]["max_steps"] == 2 and config["data"]["image_size"] == 32
         assert config["model"]["loss_gatedcrf_weight"] == 0.5

@@ -9,6 +9,10 @@ One module per concern:
 - :mod:`gcrf.training.metrics` — the volume scores of the medical recipes: 3D Dice and HD95
   (:class:`~gcrf.training.metrics.VolumeScores`, :func:`~gcrf.training.metrics.score_volume`,
   :func:`~gcrf.training.metrics.hd95`; medpy's definition by default);
+- :mod:`gcrf.training.refinement` — the mean-field CRF in training and evaluation: a setting as a
+  value (:class:`CRFSetting`, with a learnt non-negative μ on request), the refined metrics' names
+  (:func:`refined_metric`) and the choice of a refinement setting on training volumes
+  (:func:`select_refinement`);
 - :mod:`gcrf.training.optim` — optimiser and scheduler factories;
 - :mod:`gcrf.training.callbacks` — progress lines, learning-rate log, TensorBoard image grids,
   :func:`default_callbacks`;
@@ -31,13 +35,25 @@ from gcrf.training.optim import (
     make_optimizer_factory,
     make_poly_scheduler_factory,
 )
+from gcrf.training.refinement import (
+    CRFSetting,
+    PredictedVolume,
+    RefinementSelection,
+    mean_field_grid,
+    mean_field_refinement,
+    refined_metric,
+    select_refinement,
+)
 from gcrf.training.sync_batchnorm import TimmSyncBatchNorm
 
 __all__ = [
     "DEFAULT_LR_SCHEDULER",
+    "CRFSetting",
     "LearningRateLog",
     "OptimizerFactory",
     "PlainProgressLog",
+    "PredictedVolume",
+    "RefinementSelection",
     "SchedulerFactory",
     "SegmentationModule",
     "SegmentationVisualizer",
@@ -47,5 +63,9 @@ __all__ = [
     "gated_crf_start_step",
     "make_optimizer_factory",
     "make_poly_scheduler_factory",
+    "mean_field_grid",
+    "mean_field_refinement",
+    "refined_metric",
     "resize_probabilities",
+    "select_refinement",
 ]

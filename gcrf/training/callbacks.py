@@ -25,12 +25,20 @@ from lightning.pytorch.callbacks import (
 )
 from torch import Tensor
 
+from gcrf.training.refinement import refined_metric
+
 if TYPE_CHECKING:  # pragma: no cover - only for type checkers
     from gcrf.training.module import SegmentationModule
 
 __all__ = ["LearningRateLog", "PlainProgressLog", "SegmentationVisualizer", "default_callbacks"]
 
 log = logging.getLogger("gcrf.training")
+
+#: The validation metrics of the progress lines: each raw one, then its refined twin (shown when
+#: the run refines at validation).
+_VALIDATION_KEYS: tuple[str, ...] = tuple(
+    key for raw in ("val/mIoU", "val/dice", "val/hd95") for key in (raw, refined_metric(raw))
+)
 
 
 class PlainProgressLog(Callback):
@@ -51,7 +59,7 @@ class PlainProgressLog(Callback):
         self,
         every_n_steps: int = 50,
         train_keys: Sequence[str] = ("train/loss", "train/loss_ce", "train/loss_gatedcrf"),
-        validation_keys: Sequence[str] = ("val/mIoU", "val/dice", "val/hd95"),
+        validation_keys: Sequence[str] = _VALIDATION_KEYS,
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")

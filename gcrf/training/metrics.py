@@ -33,12 +33,20 @@ from typing import Literal, get_args
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.functional.segmentation import dice_score
 
-__all__ = ["HD95Definition", "VolumeScores", "hd95", "score_volume"]
+__all__ = [
+    "HD95Definition",
+    "VolumeScores",
+    "hd95",
+    "labels_at_size",
+    "score_volume",
+    "volume_dice",
+]
 
 #: How the two directions' surface distances make one HD95 (see the module docstring).
 HD95Definition = Literal["pooled", "directed_max"]
@@ -102,6 +110,64 @@ def hd95(
     return float(max(np.percentile(to_reference, 95), np.percentile(to_prediction, 95)))
 
 
+def _check_labels(prediction: Tensor, reference: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """The two label volumes as int64 CPU tensors, after checking their shapes and ranges."""
+    if prediction.shape != reference.shape:
+        raise ValueError(
+            f"prediction and reference must have one shape, got {tuple(prediction.shape)} and "
+            f"{tuple(reference.shape)}"
+        )
+    prediction, reference = prediction.long().cpu(), reference.long().cpu()
+    for name, labels in (("prediction", prediction), ("reference", reference)):
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(
+                f"{name} labels must be in [0, {num_classes}), got [{int(labels.min())}, "
+                f"{int(labels.max())}]"
+            )
+    return prediction, reference
+
+
+def volume_dice(prediction: Tensor, reference: Tensor, num_classes: int) -> Tensor:
+    """The Dice coefficient of every foreground class of one volume (no distances).
+
+    What :func:`score_volume` reports as Dice, for callers that need Dice alone (choosing a
+    refinement setting by mean Dice, :func:`gcrf.training.refinement.select_refinement`): a class
+    in neither volume scores 1, a class in one of them only 0 (see the module docstring).
+
+    Args:
+        prediction: Z×H×W (or H×W) integer labels.
+        reference: the reference labels, same shape.
+        num_classes: classes including the background (label 0, not scored).
+
+    Returns:
+        A float64 tensor of ``num_classes − 1`` values.
+
+    Example:
+        >>> reference = torch.zeros(2, 4, 4, dtype=torch.long)
+        >>> reference[:, 1:3, 1:3] = 1
+        >>> volume_dice(reference.clone(), reference, num_classes=3).tolist()
+        [1.0, 1.0]
+    """
+    prediction, reference = _check_labels(prediction, reference, num_classes)
+    dice = dice_score(
+        prediction[None],
+        reference[None],
+        num_classes=num_classes,
+        include_background=False,
+        average="none",
+        input_format="index",
+    ).reshape(-1)
+    values = []
+    for k, label in enumerate(range(1, num_classes)):
+        in_prediction = bool((prediction == label).any())
+        in_reference = bool((reference == label).any())
+        if in_prediction and in_reference:
+            values.append(float(dice[k]))
+        else:  # 1 when the class is in neither volume, 0 when in one of them only
+            values.append(float(in_prediction == in_reference))
+    return torch.tensor(values, dtype=torch.float64)
+
+
 def score_volume(
     prediction: Tensor,
     reference: Tensor,
@@ -120,8 +186,9 @@ def score_volume(
             see :func:`hd95`.
 
     Returns:
-        ``(dice, hd95)``, two float64 tensors of ``num_classes − 1`` values; HD95 is NaN where
-        the class is in neither volume (see the module docstring for the empty cases).
+        ``(dice, hd95)``, two float64 tensors of ``num_classes − 1`` values (Dice as
+        :func:`volume_dice`); HD95 is NaN where the class is in neither volume (see the module
+        docstring for the empty cases).
 
     Example:
         >>> reference = torch.zeros(4, 8, 8, dtype=torch.long)
@@ -131,44 +198,45 @@ def score_volume(
         ([1.0], [0.0])
     """
     _check_definition(hd95_definition)
-    if prediction.shape != reference.shape:
-        raise ValueError(
-            f"prediction and reference must have one shape, got {tuple(prediction.shape)} and "
-            f"{tuple(reference.shape)}"
-        )
-    prediction, reference = prediction.long().cpu(), reference.long().cpu()
-    for name, labels in (("prediction", prediction), ("reference", reference)):
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise ValueError(
-                f"{name} labels must be in [0, {num_classes}), got [{int(labels.min())}, "
-                f"{int(labels.max())}]"
-            )
-    dice = dice_score(
-        prediction[None],
-        reference[None],
-        num_classes=num_classes,
-        include_background=False,
-        average="none",
-        input_format="index",
-    ).reshape(-1)
+    prediction, reference = _check_labels(prediction, reference, num_classes)
+    dice = volume_dice(prediction, reference, num_classes)
     sides = spacing if spacing is not None else [1.0] * prediction.ndim
     diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(prediction.shape, sides, strict=True)))
-    dices, distances = [], []
-    for k, label in enumerate(range(1, num_classes)):
+    distances = []
+    for label in range(1, num_classes):
         in_prediction = bool((prediction == label).any())
         in_reference = bool((reference == label).any())
         if not in_prediction and not in_reference:
-            dices.append(1.0)
             distances.append(float("nan"))
         elif in_prediction != in_reference:
-            dices.append(0.0)
             distances.append(diagonal)
         else:
-            dices.append(float(dice[k]))
             distances.append(
                 hd95(prediction == label, reference == label, spacing, hd95_definition)
             )
-    return torch.tensor(dices, dtype=torch.float64), torch.tensor(distances, dtype=torch.float64)
+    return dice, torch.tensor(distances, dtype=torch.float64)
+
+
+def labels_at_size(logits: Tensor, size: Sequence[int]) -> Tensor:
+    """Labels of N×C×h×w logits at another size: bilinear resize of the logits, then the argmax.
+
+    How a volume predicted slice by slice at the inference size is scored at its original size.
+
+    Args:
+        logits: N×C×h×w logits.
+        size: the (H, W) to score at.
+
+    Returns:
+        N×H×W int64 labels.
+
+    Example:
+        >>> labels_at_size(torch.tensor([[[[0.0, 1.0]], [[1.0, 0.0]]]]), (1, 4)).tolist()
+        [[[1, 1, 0, 0]]]
+    """
+    size = tuple(int(s) for s in size)
+    if tuple(logits.shape[-2:]) != size:
+        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    return logits.argmax(1)
 
 
 class VolumeScores(Metric):

@@ -12,6 +12,23 @@ dataset and moves nothing to a device itself. The objective is the published one
 where ``high`` / ``low`` are the network's logits at the input size / at stride 4, and the Gated CRF
 term is switched on once ``use_after_progress_ratio`` of the training steps have been taken.
 
+Two mean-field CRFs (:class:`gcrf.crf.MeanFieldCRF`, docs/math.md#mean-field) can be given, each
+with the network input under the declared ``image_modality`` as its image, computed in float32 with
+autocast off (:meth:`SegmentationModule.refine`):
+
+- ``crf_layer``, a layer of the model (CRF-as-RNN): :meth:`SegmentationModule.forward` refines the
+  network's ``low`` logits, and ``high`` becomes their bilinear resize to the input size (the same
+  tensor where the two sizes agree, as for UNet). The losses, validation and the visualiser all see
+  the refined logits; the CRF's gradient reaches the network, and a learnt compatibility is
+  optimised with it.
+- ``crf_refinement``, applied at validation only, to the logits the metrics are computed from:
+  the image-size ``high`` logits of image batches, and for volumes each slice's ``high`` logits at
+  the inference size inside the slice-by-slice prediction (2D: the volumes carry no voxel
+  spacing). The refined metrics are logged beside the raw ones under :func:`refined_metric`'s names
+  (``val/mIoU_crf``, ``val/IoU_crf/<class>``; ``val/dice_crf``, ``val/hd95_crf``,
+  ``val/dice_<class>_crf``, ...). The best checkpoint follows the raw metric unless
+  ``crf_refinement_monitor`` asks for the refined one (:meth:`SegmentationModule.monitored_metric`).
+
 The data module says what the module is given (its declarations, see
 :class:`gcrf.data.WeakSegmentationDataModule`): ``image_modality``, the name under which the network
 input reaches the Gated CRF loss (``"rgb"`` for ImageNet-normalised RGB, ``"intensity"`` for ACDC's
@@ -35,7 +52,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from gcrf.conventions import IGNORE_INDEX, LABEL_MODALITIES, LabelModality
 from gcrf.data.datamodule import ValidationKind, WeakSegmentationDataModule
-from gcrf.training.metrics import VolumeScores
+from gcrf.training.metrics import VolumeScores, labels_at_size
 from gcrf.training.objective import (
     cross_entropy_loss,
     dice_loss,
@@ -48,6 +65,7 @@ from gcrf.training.optim import (
     SchedulerFactory,
     make_optimizer_factory,
 )
+from gcrf.training.refinement import refined_metric
 
 __all__ = ["SegmentationModule"]
 
@@ -84,6 +102,15 @@ class SegmentationModule(pl.LightningModule):
         palette: C×3 uint8 display colours (default: the datamodule's ``palette``).
         compile_network: run the network's forward through ``torch.compile`` (named so as not to
             shadow ``nn.Module.compile()``).
+        crf_refinement: a :class:`gcrf.crf.MeanFieldCRF` that refines the validation logits, or
+            ``None``; its kernels name the data module's ``image_modality``. The refined metrics
+            are logged beside the raw ones (``val/mIoU_crf``; ``val/dice_crf``,
+            ``val/hd95_crf`` for volumes; per class as the raw ones). The attribute may be
+            assigned later, before ``Trainer.validate`` (e.g. a setting chosen after training).
+        crf_refinement_monitor: keep the best checkpoint by the refined validation metric
+            (``val/dice_crf`` instead of ``val/dice``); needs ``crf_refinement``.
+        crf_layer: a :class:`gcrf.crf.MeanFieldCRF` applied to the network's ``low`` logits in
+            every forward, training included (the losses see the refined logits), or ``None``.
 
     Example:
         >>> # module = SegmentationModule(create_model("deeplabv3p", num_classes=21), 21,
@@ -109,6 +136,9 @@ class SegmentationModule(pl.LightningModule):
         class_names: Sequence[str] | None = None,
         palette: Tensor | None = None,
         compile_network: bool = False,
+        crf_refinement: nn.Module | None = None,
+        crf_refinement_monitor: bool = False,
+        crf_layer: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(network, nn.Module):
@@ -142,6 +172,17 @@ class SegmentationModule(pl.LightningModule):
             raise TypeError(
                 f"gated_crf must be a callable loss module, got {type(gated_crf).__name__}"
             )
+        for name, crf in (("crf_refinement", crf_refinement), ("crf_layer", crf_layer)):
+            if crf is not None and not isinstance(crf, nn.Module):
+                raise TypeError(
+                    f"{name} must be a CRF module (gcrf.crf.MeanFieldCRF) or None, got "
+                    f"{type(crf).__name__}"
+                )
+        if crf_refinement_monitor and crf_refinement is None:
+            raise ValueError(
+                "crf_refinement_monitor=True keeps the best checkpoint by the refined metric, "
+                "but crf_refinement is None: give the validation CRF"
+            )
         self.network = network
         self.num_classes = num_classes
         self.gated_crf = gated_crf
@@ -160,6 +201,9 @@ class SegmentationModule(pl.LightningModule):
         self.class_names = list(class_names) if class_names is not None else None
         self.palette = palette
         self.compile_network = bool(compile_network)
+        self.crf_refinement = crf_refinement
+        self.crf_refinement_monitor = bool(crf_refinement_monitor)
+        self.crf_layer = crf_layer
         # The compiled forward is kept out of the module tree (object.__setattr__): registered, it
         # would add a second copy of every weight to the state dict under another prefix.
         object.__setattr__(self, "_compiled_network", None)
@@ -177,6 +221,10 @@ class SegmentationModule(pl.LightningModule):
         )
         # Volumes (N×C×Z×H×W validation batches): 3D Dice and HD95, built at setup (class names).
         self.val_volumes: VolumeScores | None = None
+        # The same scores of the refined predictions, side by side with the raw ones (built at
+        # setup when there is a validation CRF, so that one assigned later works too).
+        self.val_iou_crf: MulticlassJaccardIndex | None = None
+        self.val_volumes_crf: VolumeScores | None = None
         #: What the data module declares (read at setup; until then, and without a data module,
         #: the defaults of :class:`~gcrf.data.WeakSegmentationDataModule`: RGB images).
         self.image_modality: str = WeakSegmentationDataModule.image_modality
@@ -224,27 +272,50 @@ class SegmentationModule(pl.LightningModule):
         self._check_kernel_modalities()
         if self.validation_kind == "volumes" and self.val_volumes is None:
             self.val_volumes = VolumeScores(self.class_names)
+        if self.crf_refinement is not None:
+            if self.validation_kind == "volumes" and self.val_volumes_crf is None:
+                self.val_volumes_crf = VolumeScores(self.class_names).to(self.device)
+            if self.validation_kind == "images" and self.val_iou_crf is None:
+                self.val_iou_crf = self.val_iou.clone().to(self.device)
         if self.compile_network and self._compiled_network is None:
             # Compile the forward only; the parameters stay registered under `network` alone, so
             # checkpoints of compiled and eager runs are interchangeable.
             object.__setattr__(self, "_compiled_network", torch.compile(self.network))
 
     def _check_kernel_modalities(self) -> None:
-        """The loss's kernels read the one modality the module gives it: the declared image.
+        """The kernels of the loss and of the CRFs read the one modality the module gives them:
+        the declared image.
 
         Checked at setup, so that a kernel on another name fails before training instead of at
-        the first step with the Gated CRF term on.
+        the first step with the Gated CRF term on (or at the first validation).
         """
-        kernels = getattr(getattr(self.gated_crf, "config", None), "kernels", None) or ()
-        named = {name for kernel in kernels for name, _ in kernel.modalities}
-        if named - {self.image_modality}:
-            raise ValueError(
-                f"the Gated CRF kernels use the modalities {sorted(named)}, but the module gives "
-                f"the loss only the network input, which the data module declares as "
-                f"image_modality={self.image_modality!r}: name the kernels' appearance term "
-                f"{self.image_modality!r}, e.g. [{{'weight': 1.0, 'xy': 6.0, "
-                f"{self.image_modality!r}: 0.1}}]"
-            )
+        for what, module in (
+            ("Gated CRF", self.gated_crf),
+            ("crf_refinement", self.crf_refinement),
+            ("crf_layer", self.crf_layer),
+        ):
+            kernels = getattr(getattr(module, "config", None), "kernels", None) or ()
+            named = {name for kernel in kernels for name, _ in kernel.modalities}
+            if named - {self.image_modality}:
+                raise ValueError(
+                    f"the {what} kernels use the modalities {sorted(named)}, but the module gives "
+                    f"them only the network input, which the data module declares as "
+                    f"image_modality={self.image_modality!r}: name the kernels' appearance term "
+                    f"{self.image_modality!r}, e.g. [{{'weight': 1.0, 'xy': 6.0, "
+                    f"{self.image_modality!r}: 0.1}}]"
+                )
+
+    def monitored_metric(self, declared: str) -> str:
+        """The validation metric the best checkpoint follows, given the data module's ``monitor``.
+
+        The declared metric itself, or with ``crf_refinement_monitor`` its refined twin
+        (:func:`~gcrf.training.refinement.refined_metric`: ``val/dice`` → ``val/dice_crf``).
+
+        Example:
+            >>> SegmentationModule(torch.nn.Identity(), 2).monitored_metric("val/dice")
+            'val/dice'
+        """
+        return refined_metric(declared) if self.crf_refinement_monitor else declared
 
     @property
     def gated_crf_start_step(self) -> int:
@@ -265,10 +336,51 @@ class SegmentationModule(pl.LightningModule):
         )
 
     # -------------------------------------------------------------------------- forward
-    def forward(self, image: Tensor) -> Any:
-        """The network's output (``low`` and ``high`` logits) for an N×C×H×W network input."""
+    def forward(self, image: Tensor, mask_src: Tensor | None = None) -> Any:
+        """The model's output (``low`` and ``high`` logits) for an N×C×H×W network input.
+
+        Without ``crf_layer``, the network's output. With it, the network's ``low`` logits refined
+        by the layer (``mask_src``: its source gate, N×1×H×W, e.g. the valid-pixel mask; ``None``
+        lets every pixel send messages) and ``high`` their bilinear resize to the input size —
+        the refined ``low`` itself where the two sizes agree (UNet).
+        """
         network = self.network if self._compiled_network is None else self._compiled_network
-        return network(image)
+        output = network(image)
+        if self.crf_layer is None:
+            return output
+        low = self.refine(self.crf_layer, output.low, image, mask_src)
+        if tuple(output.high.shape) == tuple(low.shape):
+            high = low
+        else:
+            high = F.interpolate(
+                low, size=output.high.shape[-2:], mode="bilinear", align_corners=False
+            )
+        return type(output)(low, high)
+
+    def refine(
+        self, crf: nn.Module, logits: Tensor, image: Tensor, mask_src: Tensor | None = None
+    ) -> Tensor:
+        """Logits refined by a CRF whose image is the network input, as the Gated CRF loss gets it.
+
+        The CRF is called as ``crf(logits, {image_modality: image}, mask_src=mask_src)`` in
+        float32 with autocast off (under ``bf16-mixed`` the network's bf16 logits are cast up
+        first), so its iterations never run in reduced precision.
+
+        Args:
+            crf: a :class:`gcrf.crf.MeanFieldCRF` (any module with that call).
+            logits: N×C×h×w logits; the image's size must be an integer multiple of theirs.
+            image: N×D×H×W network input.
+            mask_src: optional N×1×H×W source gate.
+
+        Returns:
+            N×C×h×w float32 refined logits.
+        """
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            return crf(
+                logits.float(),
+                {self.image_modality: image.float()},
+                mask_src=None if mask_src is None else mask_src.float(),
+            )
 
     def compute_losses(self, batch: Mapping[str, Any], output: Any) -> dict[str, Tensor]:
         """The objective's terms for one batch.
@@ -313,7 +425,7 @@ class SegmentationModule(pl.LightningModule):
         ``on_train_batch_end`` hooks of callbacks receive as ``outputs["output"]`` (the
         visualiser draws it); Lightning drops it after the step.
         """
-        output = self(batch["image"])
+        output = self(batch["image"], batch.get("valid"))
         losses = self.compute_losses(batch, output)
         batch_size = batch["image"].shape[0]
         self.log("train/loss", losses["loss"].detach(), prog_bar=True, batch_size=batch_size)
@@ -335,11 +447,20 @@ class SegmentationModule(pl.LightningModule):
             )
         if self.validation_kind == "volumes":
             for volume, reference in zip(image, batch["semseg_dense"], strict=True):
-                self.val_volumes.update(self.predict_volume(volume), reference)
+                inputs, logits = self.predict_volume_logits(volume)
+                size = reference.shape[-2:]
+                self.val_volumes.update(labels_at_size(logits, size), reference)
+                if self.crf_refinement is not None:
+                    refined = self.refine(self.crf_refinement, logits, inputs)
+                    self.val_volumes_crf.update(labels_at_size(refined, size), reference)
             return
         output = self(image)
         target = batch["semseg_dense"]
         self.val_iou.update(output.high.argmax(dim=1), target)
+        if self.crf_refinement is not None:
+            # Pixels outside the image (validation padding) send no message.
+            refined = self.refine(self.crf_refinement, output.high, image, batch.get("valid"))
+            self.val_iou_crf.update(refined.argmax(dim=1), target)
         self.log(
             "val/loss_ce_dense",
             cross_entropy_loss(output.high, target),
@@ -348,47 +469,73 @@ class SegmentationModule(pl.LightningModule):
         )
 
     @torch.no_grad()
+    def predict_volume_logits(
+        self, volume: Tensor, slices_per_batch: int = 16
+    ) -> tuple[Tensor, Tensor]:
+        """The network input and the ``high`` logits of every slice of a C×Z×H×W volume.
+
+        Each slice is resized (bilinear) to :attr:`inference_size` (kept at its own size without
+        one) and predicted (the model's forward: with ``crf_layer``, its refined logits). The
+        volume is scored at its original size from these logits
+        (:func:`~gcrf.training.metrics.labels_at_size`); a validation refinement refines them at
+        this size.
+
+        Returns:
+            ``(inputs, logits)``: Z×C×h×w network inputs and Z×K×h×w float32 logits (K classes).
+        """
+        slices = volume.transpose(0, 1).float()  # Z×C×H×W
+        if self.inference_size is not None and tuple(self.inference_size) != tuple(
+            slices.shape[-2:]
+        ):
+            slices = F.interpolate(
+                slices, size=self.inference_size, mode="bilinear", align_corners=False
+            )
+        logits = [self(chunk).high.float() for chunk in slices.split(slices_per_batch)]
+        return slices, torch.cat(logits)
+
+    @torch.no_grad()
     def predict_volume(self, volume: Tensor, slices_per_batch: int = 16) -> Tensor:
         """Labels of a C×Z×H×W volume, predicted slice by slice at :attr:`inference_size`.
 
-        Each slice is resized (bilinear) to the inference size, the logits are resized back to
-        the slice's original size (bilinear) and the argmax taken there: the volume is scored at
-        its original size.
+        The logits of :meth:`predict_volume_logits` are resized back to the slice's original
+        size (bilinear) and the argmax taken there: the volume is scored at its original size.
 
         Returns:
             Z×H×W int64 labels.
         """
-        slices = volume.transpose(0, 1)  # Z×C×H×W
-        size = tuple(slices.shape[-2:])
-        labels = []
-        for chunk in slices.split(slices_per_batch):
-            x = chunk.float()
-            if self.inference_size is not None and tuple(self.inference_size) != size:
-                x = F.interpolate(x, size=self.inference_size, mode="bilinear", align_corners=False)
-            logits = self(x).high.float()
-            if tuple(logits.shape[-2:]) != size:
-                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-            labels.append(logits.argmax(1))
-        return torch.cat(labels)
+        _, logits = self.predict_volume_logits(volume, slices_per_batch)
+        return labels_at_size(logits, volume.shape[-2:])
 
     def on_validation_epoch_end(self) -> None:
-        if self.validation_kind == "volumes":
-            if self.val_volumes.update_count == 0:  # e.g. limit_val_batches=0
-                return
-            scores = self.val_volumes.compute()
-            self.val_volumes.reset()
-            for key, value in scores.items():
-                self.log(f"val/{key}", value, prog_bar=key == "dice")
+        raw, refined = (
+            (self.val_volumes, self.val_volumes_crf)
+            if self.validation_kind == "volumes"
+            else (self.val_iou, self.val_iou_crf)
+        )
+        if raw is None or raw.update_count == 0:  # e.g. limit_val_batches=0
             return
-        iou = self.val_iou.compute()
-        self.val_iou.reset()
+        self._log_scores(raw, refine=False)
+        if self.crf_refinement is not None and refined is not None:
+            self._log_scores(refined, refine=True)
+
+    def _log_scores(self, metric: Any, refine: bool) -> None:
+        """Log and reset one validation metric, under the refined names for ``refine``."""
+        name = refined_metric if refine else str
+        if self.validation_kind == "volumes":
+            scores = metric.compute()
+            metric.reset()
+            for key, value in scores.items():
+                self.log(name(f"val/{key}"), value, prog_bar=key == "dice" and not refine)
+            return
+        iou = metric.compute()
+        metric.reset()
         present = ~torch.isnan(iou)
         miou = iou[present].mean() if present.any() else torch.zeros((), device=iou.device)
-        self.log("val/mIoU", miou, prog_bar=True)
+        self.log(name("val/mIoU"), miou, prog_bar=not refine)
         names = self.class_names or [f"class_{c}" for c in range(self.num_classes)]
-        for name, value in zip(names, iou.tolist(), strict=True):
+        for class_name, value in zip(names, iou.tolist(), strict=True):
             if not math.isnan(value):
-                self.log(f"val/IoU/{name}", value)
+                self.log(name(f"val/IoU/{class_name}"), value)
 
     # ------------------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> Any:
