@@ -256,7 +256,7 @@ class SegmentationRecipe(SegmentationModule):
         crf_layer_compatibility: the layer's C×C compatibility μ (its start when learnt);
             ``None``: Potts.
         crf_layer_learn_compatibility: learn the layer's μ with the network, kept non-negative
-            as softplus(θ) (``gcrf.training.refinement.Softplus``).
+            as softplus(θ) (``gcrf.training.Softplus``).
         optimizer: ``sgd`` or ``adam``.
         optimizer_kwargs: optimiser keyword arguments (``None``: the published DeepLab SGD settings).
         lr_scheduler: ``poly`` (per-step polynomial decay over ``trainer.max_steps``) or ``none``.

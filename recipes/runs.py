@@ -96,7 +96,7 @@ def gap_closed(full: float, weak: float, weak_with_loss: float) -> float:
     """Share of the weak→full gap closed by the run with the loss (1.0 = all of it).
 
     Example:
-        >>> gap_closed(0.8, 0.6, 0.7)
+        >>> round(gap_closed(0.8, 0.6, 0.7), 6)
         0.5
     """
     gap = full - weak

@@ -27,7 +27,8 @@ from gcrf.training import (
 from gcrf.training.metrics import VolumeScores
 from gcrf.training.refinement import Softplus
 from recipes import synthetic
-from tests.test_acdc import make_tree
+from tests.test_acdc import _short, make_tree
+from tests.test_recipes import config_keys, synthetic_short_run
 from tests.test_training import KERNELS, Output, TinyNet, _datamodule, _trainer
 
 CRF_KERNELS = [{"weight": 2.0, "xy": 2.0, "rgb": 0.5}]
@@ -100,22 +101,7 @@ def test_validation_refinement_is_refining_the_high_logits_and_scoring_them(tmp_
 
 
 def _acdc_short(root: Path, tmp_path: Path) -> list[str]:
-    return [
-        f"--data.root={root}",
-        "--data.image_size=32",
-        "--data.batch_size=2",
-        "--data.num_workers=0",
-        "--data.num_workers_validation=0",
-        "--model.model_encoder_name=resnet10t",
-        "--model.model_kwargs={in_channels: 1, decoder_channels: [16, 16, 8, 8, 8, 8]}",
-        "--trainer.accelerator=cpu",
-        "--trainer.max_steps=2",
-        "--trainer.val_check_interval=2",
-        "--trainer.limit_val_batches=2",
-        "--trainer.num_sanity_val_steps=0",
-        "--trainer.log_every_n_steps=1",
-        f"--trainer.default_root_dir={tmp_path / 'run'}",
-    ]
+    return [f"--data.root={root}", *_short(tmp_path)]
 
 
 def test_volume_refinement_refines_each_slice_at_the_inference_size(tmp_path) -> None:
@@ -154,19 +140,6 @@ def test_volume_refinement_refines_each_slice_at_the_inference_size(tmp_path) ->
 
 
 # ------------------------------------------------------------------------ checkpoint monitor
-SHORT_SYNTHETIC = [
-    "--data.image_size=32",
-    "--data.train_length=4",
-    "--data.val_length=2",
-    "--data.batch_size=2",
-    "--data.batch_size_validation=2",
-    "--trainer.max_steps=2",
-    "--trainer.val_check_interval=2",
-    "--trainer.num_sanity_val_steps=0",
-    "--trainer.log_every_n_steps=1",
-]
-
-
 def test_the_best_checkpoint_follows_the_raw_metric_unless_asked(tmp_path) -> None:
     import recipes.acdc_full
 
@@ -174,8 +147,7 @@ def test_the_best_checkpoint_follows_the_raw_metric_unless_asked(tmp_path) -> No
     assert raw.trainer.checkpoint_callback.monitor == "val/mIoU"
     cli = synthetic.main(
         [
-            *SHORT_SYNTHETIC,
-            f"--trainer.default_root_dir={tmp_path}",
+            *synthetic_short_run(tmp_path),
             "--model.crf_refinement=true",
             "--model.crf_refinement_monitor=true",
         ]
@@ -332,8 +304,6 @@ CRF_FLAGS = {
 
 
 def test_the_crf_flags_are_on_the_command_line(capsys) -> None:
-    from tests.test_recipes import config_keys
-
     keys = config_keys(synthetic.main, capsys)
     assert {f"model.{flag}" for flag in CRF_FLAGS} <= keys
     with pytest.raises(SystemExit):
@@ -355,8 +325,7 @@ def test_checkpoints_round_trip_with_the_crf_settings(tmp_path) -> None:
     mu = [[0.0, 1.0, 2.0, 1.0], [1.0, 0.0, 1.0, 1.0], [2.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]]
     cli = synthetic.main(
         [
-            *SHORT_SYNTHETIC,
-            f"--trainer.default_root_dir={tmp_path}",
+            *synthetic_short_run(tmp_path),
             "--model.crf_refinement=true",
             "--model.crf_refinement_kernels=[{weight: 3, xy: 2, rgb: 0.4}]",
             "--model.crf_refinement_radius=2",

@@ -80,7 +80,7 @@ def make_poly_scheduler_factory(power: float = 0.9) -> SchedulerFactory:
     Example:
         >>> opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
         >>> sched = make_poly_scheduler_factory(1.0)(opt, 4)
-        >>> sched.step(); round(opt.param_groups[0]["lr"], 3)
+        >>> opt.step(); sched.step(); round(opt.param_groups[0]["lr"], 3)
         0.75
     """
     if not isinstance(power, (int, float)) or isinstance(power, bool) or power < 0:
