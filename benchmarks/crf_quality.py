@@ -171,7 +171,7 @@ def _score(predictions: Sequence[Any], refine: Any, setting: Any, num_classes: i
 
 
 def main(
-    checkpoints: dict[str, str],
+    checkpoints: dict[str, str] | None = None,
     data: QualityData | None = None,
     options: Options | None = None,
     write_results: bool = False,
@@ -190,6 +190,11 @@ def main(
     from recipes.acdc_compare import RefinementGrid
     from recipes.cli import SegmentationRecipe
 
+    if not checkpoints:
+        raise ValueError(
+            "checkpoints must name at least one run's checkpoint, e.g. --checkpoints "
+            "'{pce: runs/acdc_compare/pce/lightning_logs/version_0/checkpoints/last.ckpt}'"
+        )
     data = data or QualityData()
     options = options or Options()
     grid = RefinementGrid(volumes=options.selection_volumes)

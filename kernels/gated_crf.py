@@ -587,6 +587,19 @@ def _common_launch_args(
     return coef, bounds, (d * h * w, d, h, w), constexprs
 
 
+def _window_arguments(
+    features: Tensor, mask_src: Tensor | None, mask_dst: Tensor | None, placeholder: Tensor
+) -> tuple[tuple[Tensor, Tensor, Tensor], dict[str, bool]]:
+    """The window's tensors as kernel arguments (``placeholder`` for an absent one: its pointer is
+    never dereferenced) and the gate flags."""
+    tensors = (
+        features if features.shape[1] > 0 else placeholder,
+        mask_src.contiguous() if mask_src is not None else placeholder,
+        mask_dst.contiguous() if mask_dst is not None else placeholder,
+    )
+    return tensors, {"HAS_MASK_SRC": mask_src is not None, "HAS_MASK_DST": mask_dst is not None}
+
+
 def _launch(kernel: triton.runtime.Autotuner, grid, *args, **kwargs) -> None:
     """Launch an autotuned kernel, or its plain JIT function with the fixed config.
 
@@ -651,6 +664,7 @@ def _pairwise_sum(
     else:
         grad = probs.new_empty((0,), dtype=acc_dtype)
     placeholder = coef  # any tensor: the pointer of an absent input is never dereferenced
+    window, gates = _window_arguments(features, mask_src, mask_dst, placeholder)
 
     def grid(meta: dict) -> tuple[int, int, int]:
         return (triton.cdiv(p, meta["BLOCK_P"]), num_chunks, n)
@@ -661,9 +675,7 @@ def _pairwise_sum(
         probs,
         field_a,
         field_b,
-        features if features.shape[1] > 0 else placeholder,
-        mask_src.contiguous() if mask_src is not None else placeholder,
-        mask_dst.contiguous() if mask_dst is not None else placeholder,
+        *window,
         coef,
         bounds,
         partial,
@@ -675,8 +687,7 @@ def _pairwise_sum(
         w,
         features.shape[1],
         tiles_per_row,
-        HAS_MASK_SRC=mask_src is not None,
-        HAS_MASK_DST=mask_dst is not None,
+        **gates,
         HAS_COMPAT=compatibility is not None,
         WITH_GRAD=with_grad,
         BLOCK_C=block_c,
@@ -709,32 +720,15 @@ def _window_message(
     out = torch.empty(field.shape, dtype=acc_dtype, device=field.device)
     block_c = _channel_block(c)
     num_chunks = triton.cdiv(c, block_c)
-    placeholder = coef
+    window, gates = _window_arguments(features, mask_src, mask_dst, coef)
 
     def grid(meta: dict) -> tuple[int, int, int]:
         return (triton.cdiv(p, meta["BLOCK_P"]), num_chunks, n)
 
     _launch(
-        _window_message_kernel,
-        grid,
-        field,
-        features if features.shape[1] > 0 else placeholder,
-        mask_src.contiguous() if mask_src is not None else placeholder,
-        mask_dst.contiguous() if mask_dst is not None else placeholder,
-        coef,
-        bounds,
-        out,
-        c,
-        p,
-        d,
-        h,
-        w,
-        features.shape[1],
-        HAS_MASK_SRC=mask_src is not None,
-        HAS_MASK_DST=mask_dst is not None,
-        BLOCK_C=block_c,
-        **constexprs,
-    )
+        _window_message_kernel, grid, field, *window, coef, bounds, out, c, p, d, h, w,
+        features.shape[1], **gates, BLOCK_C=block_c, **constexprs,
+    )  # fmt: skip
     return out
 
 
@@ -818,30 +812,16 @@ def _window_affinity_op(
     num_offsets = coef.numel() // len(kernel_weights)
     # The kernel computes in acc_dtype (float64 for float64 features) and stores in out's dtype.
     out = torch.empty((n, num_offsets, *spatial_shape), dtype=acc_dtype, device=features.device)
-    placeholder = coef
+    window, gates = _window_arguments(features, mask_src, mask_dst, coef)
 
     def grid(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(p, meta["BLOCK_P"]), n)
 
+    # C = 1: unused by the math, part of the shared tuning key.
     _launch(
-        _window_affinity_kernel,
-        grid,
-        features if features.shape[1] > 0 else placeholder,
-        mask_src.contiguous() if mask_src is not None else placeholder,
-        mask_dst.contiguous() if mask_dst is not None else placeholder,
-        coef,
-        bounds,
-        out,
-        1,
-        p,
-        d,
-        h,
-        w,
-        features.shape[1],
-        HAS_MASK_SRC=mask_src is not None,
-        HAS_MASK_DST=mask_dst is not None,
-        **constexprs,
-    )
+        _window_affinity_kernel, grid, *window, coef, bounds, out, 1, p, d, h, w,
+        features.shape[1], **gates, **constexprs,
+    )  # fmt: skip
     return out
 
 
