@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 from jsonargparse import CLI
+from rich.console import Console
 
 from benchmarks.tables import ResultTable, update_results
 
@@ -185,7 +186,7 @@ def main(
         options: the number of training volumes the choice is made on.
         write_results: replace the ``crf-quality`` block of ``benchmarks/RESULTS.md``.
     """
-    from gcrf.data.acdc import ACDCVolumeDataset, acdc_fold
+    from gcrf.data.acdc import ACDCDataModule, ACDCVolumeDataset, acdc_fold
     from gcrf.training import mean_field_refinement, select_refinement
     from recipes.acdc_compare import RefinementGrid
     from recipes.cli import SegmentationRecipe
@@ -204,17 +205,21 @@ def main(
     selection_items = [train_set[k * len(train_set) // count] for k in range(count)]
     val_set = ACDCVolumeDataset(data.root, val_patients)
     validation_items = [val_set[k] for k in range(len(val_set))]
+    console = Console()
     rows = []
     for run, path in checkpoints.items():
         module = SegmentationRecipe.load_from_checkpoint(path, map_location="cpu")
-        module.inference_size = (options.image_size, options.image_size)  # as the comparison
+        # What setup() takes from the data module: the inference size and the image's name.
+        module.inference_size = (options.image_size, options.image_size)
+        module.image_modality = ACDCDataModule.image_modality
         num_classes = module.num_classes
-        modality = "intensity"
+        modality = ACDCDataModule.image_modality
         ours = functools.partial(mean_field_refinement, modality=modality)
         selection = _predict(module, selection_items)
         validation = _predict(module, validation_items)
         raw = _score(validation, None, None, num_classes)
         rows.append({"run": run, "crf": "none", "setting": "", **raw})
+        console.print(f"[{run}] validation mean 3D Dice {raw['dice']:.3f} (raw)")
         for name, refine, settings in (("gcrf", ours, grid.settings(modality)),
                                        ("pydensecrf2", pydensecrf_refinement, PYDENSECRF_GRID)):  # fmt: skip
             start = time.perf_counter()
@@ -223,6 +228,11 @@ def main(
             rows.append({"run": run, "crf": name, "setting": str(choice.setting),
                          "selection_dice": choice.dice, "selection_raw_dice": choice.raw_dice,
                          "seconds": time.perf_counter() - start, **chosen})  # fmt: skip
+            console.print(
+                f"[{run}] {name}: chosen on {choice.volumes} training volumes "
+                f"({choice.raw_dice:.3f} → {choice.dice:.3f}) among {len(settings)} settings: "
+                f"{choice.setting}; validation {chosen['dice']:.3f} ({rows[-1]['seconds']:.0f} s)"
+            )
     table = quality_table(rows, options.classes)
     table.print()
     if write_results:

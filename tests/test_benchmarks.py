@@ -434,3 +434,36 @@ def test_crf_benchmark_runs_rows_in_fresh_processes(tmp_path):
     ]
     assert all(r["peak_bytes"] > 0 for r in measured)
     assert all("unavailable" in r for r in rows if r["implementation"] == "gcrf_triton")
+
+
+def test_crf_quality_grid_and_table():
+    from benchmarks.crf_quality import PYDENSECRF_GRID, PydensecrfSetting, quality_table
+    from recipes.acdc_compare import RefinementGrid
+
+    # As many pydensecrf2 settings as the comparison's gcrf grid; the prototype among them.
+    assert len(PYDENSECRF_GRID) == len(RefinementGrid().settings())
+    assert PydensecrfSetting(1.0, 3.0, 5.0, 5.0, 3.0) in PYDENSECRF_GRID
+    rows = [
+        {"run": "pce", "crf": "none", "setting": "", "dice": 0.464, "dice_std": 0.1,
+         "dice_per_class": [0.3, 0.5, 0.6], "hd95": 85.5},
+        {"run": "pce", "crf": "gcrf", "setting": "w 0.5", "dice": 0.495, "dice_std": 0.1,
+         "dice_per_class": [0.3, 0.5, 0.7], "hd95": 68.9},
+    ]  # fmt: skip
+    text = quality_table(rows, ["rv", "myo", "lv"]).markdown()
+    assert "| pce | gcrf | 0.495 ± 0.100 | 0.300 | 0.500 | 0.700 | 68.9 | +0.031 | w 0.5 |" in text
+
+
+def test_pydensecrf_refinement_cleans_a_noisy_slice():
+    pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 (a peer, not a dependency)")
+    from benchmarks.crf_quality import PydensecrfSetting, pydensecrf_refinement
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.zeros(2, 32, 32, dtype=torch.long)
+    labels[:, 10:22, 8:24] = 1
+    image = (0.2 + 0.6 * labels.float())[:, None]
+    noise = torch.randn(2, 2, 32, 32, generator=g)
+    logits = 2 * torch.nn.functional.one_hot(labels, 2).permute(0, 3, 1, 2).float() + 1.5 * noise
+    refined = pydensecrf_refinement(logits, image, PydensecrfSetting(1.0, 3.0, 5.0, 5.0, 3.0))
+    assert refined.shape == logits.shape
+    raw = (logits.argmax(1) == labels).float().mean()
+    assert (refined.argmax(1) == labels).float().mean() > raw + 0.1
