@@ -5,8 +5,10 @@ with settings chosen the same way on training volumes". This script takes traine
 checkpoints ``python -m recipes.acdc_compare`` writes, one per run), predicts the volumes slice by
 slice as validation does, and for each model:
 
-1. chooses gcrf's setting from the comparison's own grid (:class:`recipes.acdc_compare.RefinementGrid`)
-   and pydensecrf2's from a grid of the same size (:data:`PYDENSECRF_GRID`), both with
+1. chooses gcrf's setting from the comparison's own grid (:class:`recipes.acdc_compare.RefinementGrid`:
+   one kernel over position and intensity, 36 settings) and from a grid of the shape of
+   pydensecrf2's (:func:`two_term_grid`: a smoothness term and a bilateral term, 36 settings), and
+   pydensecrf2's from :data:`PYDENSECRF_GRID` (36 settings), all with
    :func:`gcrf.training.select_refinement` on the same volumes of the fold's **training** patients
    (by mean 3D Dice);
 2. scores the validation volumes raw, refined by gcrf's choice and refined by pydensecrf2's:
@@ -41,7 +43,14 @@ from rich.console import Console
 
 from benchmarks.tables import ResultTable, update_results
 
-__all__ = ["PYDENSECRF_GRID", "PydensecrfSetting", "main", "pydensecrf_refinement"]
+__all__ = [
+    "PYDENSECRF_GRID",
+    "PydensecrfSetting",
+    "main",
+    "pydensecrf_refinement",
+    "quality_table",
+    "two_term_grid",
+]
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,24 @@ PYDENSECRF_GRID: tuple[PydensecrfSetting, ...] = tuple(
         (1.0, 3.0), (1.0, 3.0), (3.0, 5.0, 10.0), (3.0, 5.0, 10.0)
     )
 )
+
+
+def two_term_grid(modality: str, iterations: int = 5) -> list[Any]:
+    """36 gcrf settings shaped like pydensecrf2's: a smoothness term ``{"weight", "xy": 1.5}`` (σ
+    3 image pixels at the comparison's stride of about 2) of weight {0, 0.5, 1} and a bilateral
+    term ``{"weight", "xy", modality}`` of weight {0.25, 0.5}, σ_xy {3, 5}, σ_intensity
+    {0.02, 0.05, 0.1}; radius 5, Potts. A zero smoothness weight leaves that term out."""
+    from gcrf.training import CRFSetting
+
+    settings = []
+    for smooth, weight, sxy, sigma in itertools.product(
+        (0.0, 0.5, 1.0), (0.25, 0.5), (3.0, 5.0), (0.02, 0.05, 0.1)
+    ):
+        kernels = [{"weight": weight, "xy": sxy, modality: sigma}]
+        if smooth:
+            kernels.insert(0, {"weight": smooth, "xy": 1.5})
+        settings.append(CRFSetting(kernels, radius=5, iterations=iterations))
+    return settings
 
 
 def pydensecrf_refinement(
@@ -219,9 +246,13 @@ def main(
         validation = _predict(module, validation_items)
         raw = _score(validation, None, None, num_classes)
         rows.append({"run": run, "crf": "none", "setting": "", **raw})
-        console.print(f"[{run}] validation mean 3D Dice {raw['dice']:.3f} (raw)")
-        for name, refine, settings in (("gcrf", ours, grid.settings(modality)),
-                                       ("pydensecrf2", pydensecrf_refinement, PYDENSECRF_GRID)):  # fmt: skip
+        console.print(f"[{run}] validation mean 3D Dice {raw['dice']:.3f} (raw)", markup=False)
+        candidates = (
+            ("gcrf, one kernel", ours, grid.settings(modality)),
+            ("gcrf, two terms", ours, two_term_grid(modality, grid.iterations)),
+            ("pydensecrf2", pydensecrf_refinement, PYDENSECRF_GRID),
+        )
+        for name, refine, settings in candidates:
             start = time.perf_counter()
             choice = select_refinement(selection, settings, refine, num_classes)
             chosen = _score(validation, refine, choice.setting, num_classes)
@@ -231,7 +262,8 @@ def main(
             console.print(
                 f"[{run}] {name}: chosen on {choice.volumes} training volumes "
                 f"({choice.raw_dice:.3f} → {choice.dice:.3f}) among {len(settings)} settings: "
-                f"{choice.setting}; validation {chosen['dice']:.3f} ({rows[-1]['seconds']:.0f} s)"
+                f"{choice.setting}; validation {chosen['dice']:.3f} ({rows[-1]['seconds']:.0f} s)",
+                markup=False,
             )
     table = quality_table(rows, options.classes)
     table.print()

@@ -437,11 +437,17 @@ def test_crf_benchmark_runs_rows_in_fresh_processes(tmp_path):
 
 
 def test_crf_quality_grid_and_table():
-    from benchmarks.crf_quality import PYDENSECRF_GRID, PydensecrfSetting, quality_table
+    from benchmarks.crf_quality import (
+        PYDENSECRF_GRID,
+        PydensecrfSetting,
+        quality_table,
+        two_term_grid,
+    )
     from recipes.acdc_compare import RefinementGrid
 
-    # As many pydensecrf2 settings as the comparison's gcrf grid; the prototype among them.
-    assert len(PYDENSECRF_GRID) == len(RefinementGrid().settings())
+    # As many pydensecrf2 settings as each gcrf grid; the prototype among them.
+    assert len(PYDENSECRF_GRID) == len(RefinementGrid().settings()) == len(two_term_grid("mr"))
+    assert {len(s.kernels) for s in two_term_grid("mr")} == {1, 2}
     assert PydensecrfSetting(1.0, 3.0, 5.0, 5.0, 3.0) in PYDENSECRF_GRID
     rows = [
         {"run": "pce", "crf": "none", "setting": "", "dice": 0.464, "dice_std": 0.1,
