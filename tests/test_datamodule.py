@@ -236,7 +236,9 @@ def test_forwarded_base_arguments_are_typed_arguments_of_the_cli(path) -> None:
     with pytest.raises(ArgumentError, match="batch_size"):
         parser.parse_args(["--data.batch_size=two"])
     config = parser.parse_args(["--data.batch_size=3", "--data.num_workers=1", "--data.seed=5"])
-    module = parser.instantiate(config).data
+    # ``instantiate`` since jsonargparse 4.49 (``instantiate_classes`` before, deprecated since)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    module = instantiate(config).data
     assert (module.batch_size, module.num_workers, module.seed) == (3, 1, 5)
     assert module.batch_size_validation == expected.get("batch_size_validation", 1)
 
