@@ -9,9 +9,10 @@ Two backends implement docs/CONTRACTS.md §1:
 
 ``backend="auto"`` picks ``"triton"`` for CUDA tensors when it can run and has passed its
 self-check for that device, dtype and rank (:mod:`gcrf.loss.selfcheck`), and falls back to
-``"torch"`` otherwise, logging the reason (a failed self-check as a warning, once). An explicitly
-requested backend that cannot run raises ``ValueError`` with the reason: nothing falls back silently
-when asked for by name, and ``backend="triton"`` skips the self-check.
+``"torch"`` otherwise, logging the reason (a failed self-check as a warning, once; every failed key
+is listed by :func:`available_backends`). An explicitly requested backend that cannot run raises
+``ValueError`` with the reason: nothing falls back silently when asked for by name, and
+``backend="triton"`` skips the self-check.
 """
 
 from __future__ import annotations
@@ -55,11 +56,17 @@ def check_backend_name(backend: object) -> str:
 
 
 class BackendStatus(NamedTuple):
-    """Whether a backend can run, and why not when it cannot."""
+    """Whether a backend can run, and why not when it cannot.
+
+    ``failed_checks`` holds, for Triton, one line per (device, dtype, spatial rank) whose self-check
+    failed in this process (:mod:`gcrf.loss.selfcheck`): ``backend="auto"`` uses the torch backend
+    there even when Triton is ``usable`` in general. Empty for the torch backend.
+    """
 
     name: str
     usable: bool
     reason: str
+    failed_checks: tuple[str, ...] = ()
 
 
 # Result of the lazy import, kept so that later calls (and torch.compile traces, which cannot run
@@ -132,18 +139,25 @@ def available_backends(
         One :class:`BackendStatus` per backend, in order of preference. With ``probs`` and
         ``spatial_rank`` given, Triton is reported unusable for ``backend="auto"`` where its
         self-check failed on that device, dtype and rank (an explicit ``backend="triton"`` still
-        runs it).
+        runs it). Triton's ``failed_checks`` lists every failed self-check of this process that
+        matches what was given (``probs``' device and dtype, ``spatial_rank``; all of them for
+        ``available_backends()``), one :meth:`gcrf.loss.selfcheck.Verdict.reason` each.
 
     Example:
         >>> [s.name for s in available_backends() if s.usable]
         ['torch']
     """
     triton = _triton_status(probs, spatial_rank)
-    if triton.usable and probs is not None and spatial_rank is not None:
-        verdict = selfcheck.cached_verdict(probs.device, probs.dtype, spatial_rank)
-        if verdict is not None and not verdict.ok:
-            key = (str(probs.device), probs.dtype, spatial_rank)
-            triton = BackendStatus("triton", False, verdict.reason(key))
+    failed = selfcheck.failed_verdicts(
+        None if probs is None else probs.device,
+        None if probs is None else probs.dtype,
+        spatial_rank,
+    )
+    reasons = tuple(verdict.reason(key) for key, verdict in failed.items())
+    if triton.usable and failed and probs is not None and spatial_rank is not None:
+        triton = BackendStatus("triton", False, reasons[0], reasons)  # this very key failed
+    else:
+        triton = triton._replace(failed_checks=reasons)
     return [triton, _torch_status(spatial_rank)]
 
 
@@ -214,7 +228,7 @@ class Backend(NamedTuple):
     """The three functions of a backend (docs/CONTRACTS.md §1)."""
 
     pairwise_sum: Callable[..., Tensor]  # gated_crf_pairwise_sum(PairwiseInputs) -> S
-    window_affinity: Callable[..., Tensor]  # window_affinity(GatedWindow) -> N×(2r+1)^k×*S
+    window_affinity: Callable[..., Tensor]  # window_affinity(GatedWindow) -> N×(2r+1)^q×*Ω
     window_message: Callable[..., Tensor]  # window_message(GatedWindow, field) -> M
 
 

@@ -3,11 +3,18 @@
 The first time ``backend="auto"`` would send a CUDA call to Triton for a (device, dtype, spatial
 rank), :func:`verify_triton` runs both backends on a few tiny random cases of that dtype and rank
 (odd sizes; both gates and none; Potts and μ̂; the message op of the CRF) and compares values and
-gradients with a float64 reference at the tolerances of the test suite. A mismatch or an exception
-logs one warning naming the case and the error, and ``"auto"`` uses the torch backend for that key
-for the rest of the process (``gcrf.loss.available_backends(probs)`` says why). An explicit
-``backend="triton"`` skips nothing and raises as before. ``GCRF_TRITON_SELF_CHECK=0`` turns the
-check off.
+gradients with a float64 reference at the tolerances of the test suite (:func:`verify_triton` says
+exactly what is compared). A mismatch or an exception logs one warning naming the case and the
+error, and ``"auto"`` uses the torch backend for that key for the rest of the process
+(``gcrf.loss.available_backends(probs, rank)`` says why; ``available_backends()`` lists every
+failed key). An explicit ``backend="triton"`` skips nothing and raises as before. Setting
+``GCRF_TRITON_SELF_CHECK`` to ``0``, ``false``, ``no`` or ``off`` (any case) turns the check off.
+
+The check runs in a context of its own, whatever the first call's: autograd on (also under
+``torch.no_grad()`` or ``torch.inference_mode()``), autocast off for every device type, and float32
+matmuls in full precision (no TF32 or bf16 passes); the caller's matmul precision is restored
+afterwards. It runs once per key even when several threads reach it at once (a lock; the others
+wait for its verdict).
 
 The cases run untuned (the fixed config of :mod:`gcrf.kernels.autotune`), so the check compiles
 each kernel variant it needs once instead of autotuning tiny shapes: it verifies the code paths
@@ -20,9 +27,12 @@ each process checks its own device (the key holds the device index).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +42,18 @@ from gcrf.kernels.window import GatedWindow, PairwiseInputs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SELF_CHECK_ENV", "Verdict", "cached_verdict", "self_check_enabled", "verify_triton"]
+__all__ = [
+    "SELF_CHECK_ENV",
+    "Verdict",
+    "cached_verdict",
+    "failed_verdicts",
+    "self_check_enabled",
+    "verify_triton",
+]
 
-#: Set to "0" to trust the Triton backend without the self-check.
+#: Set to "0", "false", "no" or "off" (any case) to trust the Triton backend without the self-check.
 SELF_CHECK_ENV = "GCRF_TRITON_SELF_CHECK"
+_FALSE = frozenset({"0", "false", "no", "off"})
 
 Key = tuple[str, torch.dtype, int]
 
@@ -50,6 +68,7 @@ class Verdict:
     seconds: float = 0.0  # how long the whole check took
 
     def reason(self, key: Key) -> str:
+        """One line saying where and how the check failed (``key``: the checked key)."""
         device, dtype, rank = key
         return (
             f"the Triton self-check failed on {device} for {dtype} rank {rank} in case "
@@ -58,11 +77,19 @@ class Verdict:
 
 
 _VERDICTS: dict[Key, Verdict] = {}
+# Held while a check runs: a second thread reaching the same key waits and reads the verdict (one
+# check, one warning). Reentrant, so that a stand-in backend calling "auto" cannot deadlock.
+_LOCK = threading.RLock()
 
 
 def self_check_enabled() -> bool:
-    """False when ``GCRF_TRITON_SELF_CHECK=0``."""
-    return os.environ.get(SELF_CHECK_ENV, "1") != "0"
+    """Whether ``backend="auto"`` checks Triton before it uses it.
+
+    Returns:
+        False when ``GCRF_TRITON_SELF_CHECK`` is ``0``, ``false``, ``no`` or ``off`` (any case,
+        surrounding spaces ignored); True when it is unset or anything else.
+    """
+    return os.environ.get(SELF_CHECK_ENV, "1").strip().lower() not in _FALSE
 
 
 def _key(device: torch.device | str, dtype: torch.dtype, spatial_rank: int) -> Key:
@@ -77,9 +104,41 @@ def cached_verdict(device: torch.device | str, dtype: torch.dtype, rank: int) ->
     return _VERDICTS.get(_key(device, dtype, rank))
 
 
-# Tolerances of tests/test_backend_contract.py: fp64 and fp32 against the float64 reference; for
-# fp16/bf16 the error may be at most twice the torch backend's own error in that dtype.
-_TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 1e-6)}
+def failed_verdicts(
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    rank: int | None = None,
+) -> dict[Key, Verdict]:
+    """The keys whose check failed in this process (``"auto"`` uses torch there), with verdicts.
+
+    Args:
+        device, dtype, rank: keep only the keys with this device, dtype or spatial rank (None: any).
+
+    Returns:
+        ``{(device, dtype, rank): verdict}`` in the order the checks ran.
+    """
+    device = None if device is None else _key(device, torch.float32, 0)[0]
+    return {
+        key: verdict
+        for key, verdict in list(_VERDICTS.items())
+        if not verdict.ok
+        and device in (None, key[0])
+        and dtype in (None, key[1])
+        and rank in (None, key[2])
+    }
+
+
+# (rtol, atol) of the test suite for (dtype, message op?), applied elementwise as
+# torch.testing.assert_close does: |ours − reference| ≤ atol + rtol·|reference|. The pairwise sum
+# and its gradient: tests/test_backend_contract.py assert_pairwise_sum_matches (fp32) and
+# test_pairwise_sum_in_float64; the message and its gradient: test_window_message_matches_reference
+# (fp32, the same window as the check's message case) and test_window_message_dtypes (fp64).
+_TOLERANCE: dict[tuple[torch.dtype, bool], tuple[float, float]] = {
+    (torch.float32, False): (2e-5, 1e-6),
+    (torch.float32, True): (1e-5, 1e-6),
+    (torch.float64, False): (1e-12, 1e-12),
+    (torch.float64, True): (1e-12, 1e-12),
+}
 
 
 @dataclass(frozen=True)
@@ -145,23 +204,87 @@ def _upcast(window: GatedWindow) -> GatedWindow:
     )  # fmt: skip
 
 
-def _compare(dtype: torch.dtype, ours, same_dtype, reference) -> str:
-    """'' if the Triton result passes, else what differs."""
+def _compare(dtype: torch.dtype, message: bool, ours, same_dtype, reference) -> str:
+    """'' if the Triton result passes, else what differs (the rule: :func:`verify_triton`)."""
     for what, a, b, r in zip(("value", "gradient"), ours, same_dtype, reference, strict=True):
         if not bool(torch.isfinite(a).all()):
             return f"the {what} is not finite"
-        error = (a - r).abs().max().item()
-        scale = r.abs().max().item()
-        if dtype in _TOLERANCE:
-            rtol, atol = _TOLERANCE[dtype]
-            limit = atol + rtol * scale
+        error = (a - r).abs()
+        if (dtype, message) in _TOLERANCE:
+            rtol, atol = _TOLERANCE[dtype, message]
+            limit = atol + rtol * r.abs()
+            worst = int(torch.argmax(error - limit))
+            error, limit = error.flatten()[worst].item(), limit.flatten()[worst].item()
+            rule = f"atol {atol:g} + rtol {rtol:g}·|reference| there"
         else:
-            limit = 2 * (b - r).abs().max().item() + 1e-6 * scale
+            error = error.max().item()
+            limit = 2 * (b - r).abs().max().item() + 1e-6 * r.abs().max().item()
+            rule = "twice the torch backend's own error in this dtype"
         if error > limit:
             return (
-                f"the {what} differs from the float64 reference by {error:.3g} (limit {limit:.3g})"
+                f"the {what} differs from the float64 reference by {error:.3g} "
+                f"(limit {limit:.3g}: {rule})"
             )
     return ""
+
+
+# Autocast is switched off for each of these device types that this torch knows.
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu")
+
+
+def _fp32_matmul_modules() -> list[object]:
+    """The per-backend float32 matmul settings (``torch.backends.<x>.matmul.fp32_precision``)."""
+    modules = (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))
+    return [m for m in modules if m is not None and hasattr(m, "fp32_precision")]
+
+
+@contextlib.contextmanager
+def _full_precision_matmuls() -> Iterator[None]:
+    """Float32 matmuls in full precision inside the block; the caller's settings restored after.
+
+    Uses the API the caller used: ``torch.set_float32_matmul_precision`` (which also sets
+    ``torch.backends.cuda.matmul.allow_tf32``), or, where torch refuses to summarise the precision
+    because the per-backend ``fp32_precision`` settings were used, those settings (mixing the two
+    APIs makes torch raise). Convolution settings (``torch.backends.cudnn``) are left alone: the
+    check runs no convolution.
+    """
+    modules = _fp32_matmul_modules()
+    per_backend = [m.fp32_precision for m in modules]
+    try:
+        precision: str | None = torch.get_float32_matmul_precision()
+    except RuntimeError:  # "mix of the legacy and new APIs": the per-backend settings rule
+        precision = None
+    if precision == "highest":
+        yield
+        return
+    try:
+        if precision is None:
+            for module in modules:
+                module.fp32_precision = "ieee"
+        else:
+            torch.set_float32_matmul_precision("highest")
+        yield
+    finally:
+        if precision is not None:
+            torch.set_float32_matmul_precision(precision)
+        for module, saved in zip(modules, per_backend, strict=True):
+            if module.fp32_precision != saved:  # the legacy setter fills in per-backend values
+                module.fp32_precision = saved
+
+
+@contextlib.contextmanager
+def _clean_context() -> Iterator[None]:
+    """The context the check runs in, whatever the caller's (see the module's docstring)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        for device_type in _AUTOCAST_DEVICE_TYPES:
+            try:
+                stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+            except (RuntimeError, AssertionError):  # a device type this build does not support
+                continue
+        stack.enter_context(_full_precision_matmuls())
+        yield
 
 
 def verify_triton(
@@ -175,7 +298,21 @@ def verify_triton(
     """Check the Triton backend on ``device`` for ``dtype`` and rank, cache and return the verdict.
 
     Runs eagerly (never inside a ``torch.compile`` trace); calling it again for a checked key
-    returns the cached verdict without running anything.
+    returns the cached verdict without running anything, and concurrent calls for one key run the
+    check once (the others wait for its verdict). The check runs with autograd enabled (also inside
+    ``torch.no_grad()`` / ``torch.inference_mode()``), autocast disabled for every device type and
+    float32 matmuls at full precision (``"highest"``, no TF32); the caller's settings apply again
+    when it returns.
+
+    What is compared, for each case: the value (S, or the message M) and the gradient w.r.t. the
+    field, from the Triton backend, against the torch backend run on the same inputs upcast to
+    float64. For fp32 and fp64 every element must satisfy ``|triton − reference| ≤ atol + rtol ·
+    |reference|`` (``torch.testing.assert_close``'s rule) with the tolerances of the test suite:
+    fp32 pairwise sum ``rtol 2e-5, atol 1e-6``, fp32 message ``rtol 1e-5, atol 1e-6``, fp64
+    ``rtol 1e-12, atol 1e-12``. For fp16/bf16 the largest absolute error over the elements may be
+    at most twice the torch backend's own largest error in that dtype (on the same inputs), plus
+    ``1e-6 ×`` the largest ``|reference|``: the rounding of the field and the gradient to 8 or 11
+    mantissa bits dominates there, and the torch backend measures it. Non-finite results fail.
 
     Args:
         device: a CUDA device (or a CPU device under ``TRITON_INTERPRET=1``, for tests).
@@ -192,11 +329,33 @@ def verify_triton(
         True
     """
     key = _key(device, dtype, spatial_rank)
-    if key in _VERDICTS:
-        return _VERDICTS[key]
+    verdict = _VERDICTS.get(key)
+    if verdict is not None:
+        return verdict
+    with _LOCK:
+        verdict = _VERDICTS.get(key)  # another thread may have checked it while this one waited
+        if verdict is not None:
+            return verdict
+        try:
+            with _clean_context():
+                verdict = _check(key, triton, reference)
+        except Exception as error:  # the context itself (a torch setting refused): a failed check
+            verdict = Verdict(False, "setting up the check", f"{type(error).__name__}: {error}")
+        _VERDICTS[key] = verdict
+    if verdict.ok:
+        logger.info("Triton self-check passed on %s for %s rank %d (%.2f s)", *key, verdict.seconds)
+    else:
+        logger.warning("%s; backend 'auto' uses 'torch' there for the rest of the process",
+                       verdict.reason(key))  # fmt: skip
+    return verdict
+
+
+def _check(key: Key, triton: object | None, reference: object | None) -> Verdict:
+    """Run the cases for ``key`` in the current context and return the verdict."""
     from gcrf.kernels import gated_crf
     from gcrf.loss.backends import get_backend
 
+    dtype, spatial_rank = key[1], key[2]
     triton = triton or get_backend("triton")
     reference = reference or get_backend("torch")
     start = time.perf_counter()
@@ -212,20 +371,13 @@ def verify_triton(
             exact = _run(reference, case, _upcast(window), field.double(),
                          None if compatibility is None else compatibility.double(),
                          upstream.double())  # fmt: skip
-            problem = _compare(dtype, ours, same, exact)
+            problem = _compare(dtype, case.message, ours, same, exact)
         except Exception as error:  # a kernel that cannot compile or launch is a failed check
             problem = f"{type(error).__name__}: {error}"
         if problem:
             verdict = Verdict(False, case.name, problem)
             break
-    verdict = Verdict(verdict.ok, verdict.case, verdict.error, time.perf_counter() - start)
-    _VERDICTS[key] = verdict
-    if verdict.ok:
-        logger.info("Triton self-check passed on %s for %s rank %d (%.2f s)", *key, verdict.seconds)
-    else:
-        logger.warning("%s; backend 'auto' uses 'torch' there for the rest of the process",
-                       verdict.reason(key))  # fmt: skip
-    return verdict
+    return Verdict(verdict.ok, verdict.case, verdict.error, time.perf_counter() - start)
 
 
 def auto_may_use_triton(tensor: Tensor, spatial_rank: int) -> bool:
