@@ -2,41 +2,53 @@
 
 Run from the repository root on a machine with one CUDA GPU (``pip install -e ".[dev]"``)::
 
-    python -m benchmarks.device                          # the whole plan (under 9 minutes)
+    python -m benchmarks.device                          # the whole plan (under 5 minutes)
     python -m benchmarks.device --dry_run true           # print the plan, run nothing
     python -m benchmarks.device --steps [loss,crf]       # some steps only (e.g. to rerun one)
     python -m benchmarks.device --out_dir /some/folder   # also copy what it writes there
 
 **The plan.** Each step is a subprocess (``python -m ...``, with ``TRITON_INTERPRET`` removed from
-its environment, so every Triton kernel is compiled for the GPU), run in order with its time
-budget as its timeout; its stdout and stderr are captured in ``<work_dir>/<step>.log`` and what it
-measured in ``<work_dir>/<step>.json`` (``.xml`` for the tests). A step that fails or runs out of
-time is recorded as such and the next one starts; steps stop once ``--deadline_s`` is spent (what
-is left is recorded as not run). After every step the results section and the JSON are rewritten,
-so whatever ran is kept even if a later step fails or the run is killed.
+its environment, so every Triton kernel is compiled for the GPU), run in order, the most important
+first; its stdout and stderr are captured in ``<work_dir>/<step>.log`` and what it measured in
+``<work_dir>/<step>.json`` (``.xml`` for the tests). A step runs in its own process group and may
+take its budget plus whatever the steps before it left unused (never the budgets of the steps after
+it). When that time is up the step gets SIGINT (pytest then stops its xdist workers and still writes
+its report) and 8 s later its whole group — xdist workers, fresh-process rows, compilers — gets
+SIGKILL; the step is recorded as timed out, with whatever result it wrote. A step that fails or
+runs out of time is recorded as such and the next one starts. The run ends by ``--deadline_s``: no
+step starts later and a step's limit is cut so that it ends by then, its 8 s included (what is left
+is recorded as not run). After every step the results section and the JSON are rewritten, so
+whatever ran is kept even if a later step fails or the run is killed.
 
 | step | budget | what |
 |---|---:|---|
-| `roofline` | 30 s | fp32 / bf16 matmul FLOP/s and device-copy bandwidth on this GPU (`python -m benchmarks.roofline`) |
-| `loss` | 90 s | the Gated CRF loss fwd+bwd at the published VOC step (48×21×64²) and the large shape (8×21×512²), r = 5: Triton, torch backend, published unfold; fp32 and bf16; peak memory; bitwise repeats (`python -m benchmarks.loss`) |
-| `cuda_tests` | 60 s | `pytest -m cuda tests` (the CUDA-only tests) |
-| `selfcheck` | 30 s | the cost of the Triton self-check of `backend="auto"` per dtype and rank, with an empty and with a filled Triton cache (`python -m benchmarks.selfcheck`) |
-| `kernel_tests` | 100 s | `pytest tests/test_kernels.py tests/test_backend_contract.py tests/test_crf.py tests/test_selfcheck.py -m "not cuda and not slow"`: the tests of the Triton kernels, compiled on the GPU instead of interpreted |
-| `train_step` | 90 s | one training step of each recipe's default model, with and without the Gated CRF term (`python -m benchmarks.model`) |
-| `data` | 35 s | the data pipeline's samples/s per loader worker (`python -m benchmarks.data`), put against the measured steps/s |
-| `crf` | 90 s | mean-field CRF refinement, Triton / torch / unfold (`python -m benchmarks.crf`; only where `gcrf.crf` exists) |
+| `kernel_tests` | 70 s | `pytest tests/test_kernels.py tests/test_backend_contract.py tests/test_crf.py tests/test_selfcheck.py -m "not cuda and not slow"` on `min(12, cores − 2)` xdist workers, without the ahead-of-time sm_90 compile (`test_kernels_compile_for_a_gpu_without_one`, pointless with a GPU): the tests of the Triton kernels, compiled on the GPU instead of interpreted |
+| `cuda_tests` | 40 s | `pytest -m cuda` over the test files that mark tests `cuda` (:func:`cuda_test_files`), on up to 4 xdist workers |
+| `loss` | 55 s | the Gated CRF loss fwd+bwd at the published VOC step (48×21×64²) and the large shape (8×21×512²), r = 5: Triton, torch backend, published unfold; fp32 and bf16; median of 5; peak memory; bitwise repeats, the determinism check (`python -m benchmarks.loss`) |
+| `roofline` | 10 s | fp32 / bf16 matmul FLOP/s and device-copy bandwidth on this GPU, for the roofline target (`python -m benchmarks.roofline`) |
+| `crf` | 30 s | mean-field CRF refinement, 5 iterations, value and gradient, every case, median of 3: Triton / torch / unfold (`python -m benchmarks.crf`; only where `gcrf.crf` exists) |
+| `train_step` | 45 s | one training step of each recipe's default model at its batch size, with and without the Gated CRF term, and the backend that ran the loss (`benchmarks.model` through :func:`train_step`) |
+| `data` | 15 s | the data pipeline's samples/s per loader worker (`python -m benchmarks.data`), put against the measured steps/s |
+| `selfcheck` | 20 s | the cost of the Triton self-check of `backend="auto"` per dtype and rank, with an empty and with a filled Triton cache (`python -m benchmarks.selfcheck`) |
 
-The budgets add up to 525 s, under the default ``--deadline_s`` of 540 s (a 10-minute command
-limit leaves a minute for starting Python and writing). Without a CUDA device the command prints
-the plan, says so and exits with status 2 (``--dry_run true``: the same on any machine); it exits
-with 1 when a step failed or ran out of time, else 0 — short targets are results, not failures.
+The budgets add up to 285 s, under the default ``--deadline_s`` of 300 s: the whole run takes
+under 5 minutes. The budgets are estimates for one H100 and 16 cores (no GPU had run the plan when
+they were set); every step's time is recorded, and what one step leaves goes to the next. Without a
+CUDA device the command prints the plan, says so and exits with status 2 (``--dry_run true``: the
+same on any machine); it exits with 1 when a step failed or ran out of time, else 0 — short targets
+are results, not failures.
+
+The ``data`` step has cases for the voc and cityscapes pipelines only; the loader estimate gives
+the other recipes (acdc, synthetic) a row that says they were not measured, as it does for every
+recipe when the ``data`` step has no result.
 
 **What it writes.** The section between ``<!-- device-table:start -->`` and
 ``<!-- device-table:end -->`` of ``benchmarks/RESULTS.md`` (``--results``): the device name, driver,
 CUDA, torch and Triton versions and the date; the targets below with pass / short; the measured
-roofline; the loss, CRF and training-step tables; the loader estimate; the tests' counts and
-failures; every step's status and time. ``benchmarks/device_results.json`` (``--json_path``) holds
-the same, raw: the environment, and per step its command, status, seconds, budget and result.
+roofline; the loss, CRF and training-step tables (with the loss backend per recipe); the loader
+estimate; the tests' counts and failures; every step's status and time.
+``benchmarks/device_results.json`` (``--json_path``) holds the same, raw: the environment, and per
+step its command, status, seconds, budget, time limit and result.
 
 **Targets** (pass / short), from the ``loss`` step (the speeds at 8×21×512², r = 5):
 
@@ -56,12 +68,15 @@ features and gates read once, the gradient written once. The roofline time is
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -71,6 +86,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
+from unittest import mock
 
 from jsonargparse import CLI
 
@@ -81,6 +97,7 @@ __all__ = [
     "STEP_NAMES",
     "Step",
     "Target",
+    "cuda_test_files",
     "environment",
     "evaluate_targets",
     "loader_estimate",
@@ -88,10 +105,15 @@ __all__ = [
     "plan",
     "render",
     "run_plan",
+    "train_step",
 ]
 
 JSON_PATH = RESULTS.with_name("device_results.json")
 RESULTS_KEY = "device-table"
+#: Seconds by which the run ends: no step starts later (the budgets add up to 285 s).
+DEADLINE_S = 300.0
+#: Seconds a timed-out step has, after its SIGINT, before its process group gets SIGKILL.
+KILL_GRACE_S = 8.0
 #: The case and the thresholds of the targets.
 TARGET_CASE = "8x512"
 UNFOLD_SPEEDUP = 30.0
@@ -104,6 +126,18 @@ KERNEL_TESTS = (
     "tests/test_crf.py",
     "tests/test_selfcheck.py",
 )
+#: Left out of ``kernel_tests``: it compiles for sm_90 with ptxas, without a GPU (slow, and what
+#: the GPU's own compilation in every other kernel test covers).
+AHEAD_OF_TIME_TEST = "test_kernels_compile_for_a_gpu_without_one"
+#: Where a test file marks tests ``cuda`` (a decorator, ``pytestmark``, a parameter's ``marks``):
+#: the ``cuda_tests`` step collects these files only.
+CUDA_MARK = re.compile(
+    r"^\s*(@pytest\.mark\.cuda\b|pytestmark\s*=.*\bpytest\.mark\.cuda\b)"
+    r"|\bmarks\s*=.*\bpytest\.mark\.cuda\b",
+    re.MULTILINE,
+)
+#: The ``train_step`` step: :func:`train_step`, its JSON path as the argument.
+_TRAIN_STEP = "import sys; from benchmarks.device import train_step; train_step(sys.argv[1])"
 
 
 @dataclass(frozen=True)
@@ -112,7 +146,7 @@ class Step:
 
     Attributes:
         name: the step's name (``--steps``, the log and result file names).
-        budget_s: its timeout in seconds.
+        budget_s: its time budget in seconds (see the module docstring for its time limit).
         what: one line for the plan.
         args: the arguments after ``python``; ``{work}`` is replaced by the work folder.
         result: the file (in the work folder) the step writes what it measured to, if any.
@@ -130,43 +164,123 @@ class Step:
         """The command line, with this Python and the work folder filled in."""
         return [sys.executable, *(a.replace("{work}", str(work_dir)) for a in self.args)]
 
+    def runnable(self) -> bool:
+        """Whether what it needs is importable here."""
+        return self.needs is None or importlib.util.find_spec(self.needs) is not None
+
+
+def cuda_test_files() -> tuple[str, ...]:
+    """The test files that mark tests ``cuda`` (:data:`CUDA_MARK`), relative to the repository.
+
+    Collecting only these keeps the ``cuda_tests`` step fast and out of reach of an import problem
+    in an unrelated test file (all of ``tests`` where none is found).
+    """
+    files = sorted((REPOSITORY / "tests").glob("test_*.py"))
+    marked = tuple(f"tests/{f.name}" for f in files if CUDA_MARK.search(f.read_text("utf-8")))
+    return marked or ("tests",)
+
+
+def _workers(most: int) -> tuple[str, ...]:
+    """pytest-xdist's ``-n``: ``min(most, cores - 2)`` workers, none below two or without xdist."""
+    count = min(most, (os.cpu_count() or 1) - 2)
+    if count < 2 or importlib.util.find_spec("xdist") is None:
+        return ()
+    return ("-n", str(count))
+
 
 def plan() -> list[Step]:
     """The steps, in order (see the module docstring)."""
-    pytest = ("-m", "pytest", "-q", "-p", "no:cacheprovider")
-    workers = ("-n", "8") if importlib.util.find_spec("xdist") is not None else ()
+    pytest = ("-m", "pytest", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors")
     return [
-        Step("roofline", 30, "matmul FLOP/s (fp32, bf16) and device-copy bandwidth",
+        Step("kernel_tests", 70, "the kernel tests, compiled on the GPU (no interpreter)",
+             (*pytest, *_workers(12), "-m", "not cuda and not slow", "-k",
+              f"not {AHEAD_OF_TIME_TEST}", "--junitxml", "{work}/kernel_tests.xml",
+              *KERNEL_TESTS), "kernel_tests.xml"),
+        Step("cuda_tests", 40, "pytest -m cuda (the CUDA-only tests)",
+             (*pytest, *_workers(4), "-m", "cuda", "--junitxml", "{work}/cuda_tests.xml",
+              *cuda_test_files()), "cuda_tests.xml"),
+        Step("loss", 55, "loss fwd+bwd: Triton / torch / unfold, voc and 8x512, fp32 and bf16",
+             ("-m", "benchmarks.loss", "--device", "cuda", "--cases", "[voc,8x512]",
+              "--dtypes", "[fp32,bf16]", "--repeats", "5", "--isolate", "false",
+              "--json_path", "{work}/loss.json"), "loss.json"),
+        Step("roofline", 10, "matmul FLOP/s (fp32, bf16) and device-copy bandwidth",
              ("-m", "benchmarks.roofline", "--json_path", "{work}/roofline.json"),
              "roofline.json"),
-        Step("loss", 90, "loss fwd+bwd: Triton / torch / unfold, voc and 8x512, fp32 and bf16",
-             ("-m", "benchmarks.loss", "--device", "cuda", "--cases", "[voc,8x512]",
-              "--dtypes", "[fp32,bf16]", "--isolate", "false", "--json_path", "{work}/loss.json"),
-             "loss.json"),
-        Step("cuda_tests", 60, "pytest -m cuda (the CUDA-only tests)",
-             (*pytest, "-m", "cuda", "--junitxml", "{work}/cuda_tests.xml", "tests"),
-             "cuda_tests.xml"),
-        Step("selfcheck", 30, "the Triton self-check of backend='auto': its cost per dtype and rank",
+        Step("crf", 30, "mean-field CRF, 5 iterations: Triton / torch / unfold",
+             ("-m", "benchmarks.crf", "--device", "cuda", "--implementations",
+              "[gcrf_triton,gcrf_torch,unfold]", "--iterations", "[5]", "--repeats", "3",
+              "--isolate", "false", "--json_path", "{work}/crf.json"), "crf.json",
+             needs="gcrf.crf"),
+        Step("train_step", 45, "a training step per recipe, with and without the Gated CRF term",
+             ("-c", _TRAIN_STEP, "{work}/train_step.json"), "train_step.json"),
+        Step("data", 15, "data pipeline samples/s per loader worker (CPU)",
+             ("-m", "benchmarks.data", "--samples", "8", "--files", "3", "--json_path",
+              "{work}/data.json"), "data.json"),
+        Step("selfcheck", 20, "the Triton self-check of backend='auto', per dtype and rank",
              ("-m", "benchmarks.selfcheck", "--json_path", "{work}/selfcheck.json"),
              "selfcheck.json"),
-        Step("kernel_tests", 100, "the kernel tests, compiled on the GPU (no interpreter)",
-             (*pytest, *workers, "-m", "not cuda and not slow", "--junitxml",
-              "{work}/kernel_tests.xml", *KERNEL_TESTS), "kernel_tests.xml"),
-        Step("train_step", 90, "a training step per recipe, with and without the Gated CRF term",
-             ("-m", "benchmarks.model", "--device", "cuda", "--json_path",
-              "{work}/train_step.json"), "train_step.json"),
-        Step("data", 35, "data pipeline samples/s per loader worker (CPU)",
-             ("-m", "benchmarks.data", "--samples", "15", "--json_path", "{work}/data.json"),
-             "data.json"),
-        Step("crf", 90, "mean-field CRF: Triton / torch / unfold",
-             ("-m", "benchmarks.crf", "--device", "cuda", "--implementations",
-              "[gcrf_triton,gcrf_torch,unfold]", "--repeats", "5", "--isolate", "false",
-              "--json_path", "{work}/crf.json"), "crf.json",
-             needs="gcrf.crf"),
     ]  # fmt: skip
 
 
 STEP_NAMES = tuple(step.name for step in plan())
+
+
+def train_step(
+    json_path: str,
+    recipes: Sequence[str] | None = None,
+    device: str = "cuda",
+    batch: int | None = None,
+    iterations: int = 5,
+    warmup: int = 2,
+) -> list[dict[str, Any]]:
+    """The ``train_step`` step: :func:`benchmarks.model.main` per recipe, with the loss backend.
+
+    Every call of ``gcrf.loss.backends.choose_backend`` is recorded while a recipe is measured, so
+    each ``CE + GCRF`` row says which backend ran its Gated CRF term (``backend="auto"`` of the
+    recipes: ``triton`` on CUDA unless its self-check failed). The rows are written to ``json_path``
+    after every recipe, so a run cut short keeps the recipes done.
+
+    Args:
+        json_path: where the rows go (``benchmarks.model``'s fields, ``steps_per_s``,
+            ``loss_backend``).
+        recipes: names of ``benchmarks.model.RECIPES`` (default: all).
+        device: where to run.
+        batch: images per step (default: the recipe's batch size on CUDA, 2 on CPU).
+        iterations: timed steps per row (median).
+        warmup: untimed steps first.
+    """
+    from benchmarks import model
+    from gcrf.loss import backends
+
+    original = backends.choose_backend
+    chosen: list[str] = []
+
+    def recording(*args: Any, **kwargs: Any) -> str:
+        name = original(*args, **kwargs)
+        chosen.append(name)
+        return name
+
+    holders = [
+        module
+        for name, module in list(sys.modules.items())
+        if name.split(".")[0] == "gcrf" and getattr(module, "choose_backend", None) is original
+    ]
+    records: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as patches:
+        for module in holders:
+            patches.enter_context(mock.patch.object(module, "choose_backend", recording))
+        for recipe in recipes or list(model.RECIPES):
+            chosen.clear()
+            rows = model.main(recipes=[recipe], batch=batch, iterations=iterations,
+                              warmup=warmup, device=device)  # fmt: skip
+            used = "/".join(sorted(set(chosen))) or "not called"
+            records += [
+                {**asdict(row), "steps_per_s": row.steps_per_s,
+                 "loss_backend": used if row.loss != "CE" else ""}
+                for row in rows
+            ]  # fmt: skip
+            Path(json_path).write_text(json.dumps(records, indent=1))
+    return records
 
 
 def environment() -> dict[str, Any]:
@@ -219,15 +333,51 @@ def _read_result(path: Path) -> Any:
     return {**counts, "failed": failed}
 
 
+def _kill_group(group: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, sig)
+
+
+def _run_step(
+    command: list[str], log: Path, env: dict[str, str], timeout: float, grace_s: float
+) -> int | None:
+    """Run one step in its own process group; its return code, or None when it timed out.
+
+    On time out the step gets SIGINT (pytest then stops its workers and writes its report), and
+    ``grace_s`` later its whole group (the step and everything it started) gets SIGKILL; whatever
+    is left of the group when the step ends is killed too.
+    """
+    with log.open("w") as stream:
+        process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=env,
+                                   cwd=REPOSITORY, start_new_session=True)  # fmt: skip
+        group = process.pid  # start_new_session: the step leads a group of its own
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=grace_s)
+            return None
+        finally:
+            _kill_group(group, signal.SIGKILL)  # xdist workers, fresh-process rows, compilers
+            process.wait()
+
+
 def run_plan(
     steps: Sequence[Step],
     info: dict[str, Any],
     work_dir: Path,
     results_path: Path = RESULTS,
     json_path: Path = JSON_PATH,
-    deadline_s: float = 540.0,
+    deadline_s: float = DEADLINE_S,
+    grace_s: float = KILL_GRACE_S,
 ) -> dict[str, Any]:
     """Run the steps in order; after each, rewrite the results section and the JSON.
+
+    A step's time limit is its budget plus what the steps before it left unused: everything left
+    before ``deadline_s`` (less ``grace_s``, so that even a step stopped at its limit ends by the
+    deadline) except the budgets of the runnable steps after it, and at least its budget where the
+    time left allows.
 
     Args:
         steps: the steps (:func:`plan`, or a subset).
@@ -235,7 +385,8 @@ def run_plan(
         work_dir: where the logs and the steps' result files go.
         results_path: the Markdown file whose device section is rewritten.
         json_path: the JSON written beside it.
-        deadline_s: seconds after which no step starts (a running step's timeout is cut to it).
+        deadline_s: seconds by which the run ends (no step starts later, a step's limit is cut).
+        grace_s: seconds between a timed-out step's SIGINT and its process group's SIGKILL.
 
     Returns:
         The report (what the JSON holds).
@@ -245,36 +396,34 @@ def run_plan(
     env["PYTHONUNBUFFERED"] = "1"
     start = time.monotonic()
     report: dict[str, Any] = {"environment": info, "steps": []}
-    for step in steps:
+    runnable = [step.runnable() for step in steps]
+    for index, step in enumerate(steps):
         record: dict[str, Any] = {"name": step.name, "what": step.what, "budget_s": step.budget_s,
                                   "command": shlex.join(step.command(work_dir))}  # fmt: skip
-        left = deadline_s - (time.monotonic() - start)
-        if step.needs is not None and importlib.util.find_spec(step.needs) is None:
+        left = deadline_s - grace_s - (time.monotonic() - start)
+        if not runnable[index]:
             record["status"] = f"skipped: {step.needs} is not in this checkout"
         elif left < 1:
             record["status"] = "not run: out of time"
         else:
-            timeout = min(step.budget_s, left)
+            later = sum(s.budget_s for s, ok in zip(steps[index + 1 :], runnable[index + 1 :],
+                                                    strict=True) if ok)  # fmt: skip
+            timeout = min(left, max(step.budget_s, left - later))
+            record["timeout_s"] = round(timeout, 1)
             result = work_dir / step.result if step.result else None
             if result is not None:
                 result.unlink(missing_ok=True)  # never report an earlier run's result
             log = work_dir / f"{step.name}.log"
             record["log"] = str(log)
             began = time.monotonic()
-            with log.open("w") as stream:
-                try:
-                    done = subprocess.run(
-                        step.command(work_dir), stdout=stream, stderr=subprocess.STDOUT,
-                        env=env, cwd=REPOSITORY, timeout=timeout, check=False,
-                    )  # fmt: skip
-                    record["returncode"] = done.returncode
-                    record["status"] = (
-                        "ok" if done.returncode == 0 else f"failed ({done.returncode})"
-                    )
-                except subprocess.TimeoutExpired:
-                    record["status"] = f"timed out after {timeout:.0f} s"
+            returncode = _run_step(step.command(work_dir), log, env, timeout, grace_s)
+            if returncode is None:
+                record["status"] = f"timed out after {timeout:.0f} s"
+            else:
+                record["returncode"] = returncode
+                record["status"] = "ok" if returncode == 0 else f"failed ({returncode})"
             record["seconds"] = round(time.monotonic() - began, 1)
-            if result is not None and result.exists():
+            if result is not None and result.exists():  # a timed-out step's partial result too
                 try:
                     record["result"] = _read_result(result)
                 except (ValueError, ET.ParseError) as error:
@@ -356,9 +505,15 @@ def evaluate_targets(report: dict[str, Any]) -> list[Target]:
 
 
 def loader_estimate(
-    train_rows: list[dict[str, Any]], data_rows: list[dict[str, Any]]
+    train_rows: list[dict[str, Any]],
+    data_rows: list[dict[str, Any]],
+    data_status: str | None = None,
 ) -> ResultTable:
-    """Loader processes per GPU at the measured steps/s (CE + GCRF) and samples/s per worker."""
+    """Loader processes per GPU at the measured steps/s (CE + GCRF) and samples/s per worker.
+
+    A recipe whose pipeline was not measured (no case of ``benchmarks.data`` for it, or no result
+    of the ``data`` step, whose ``data_status`` is then given) gets a row that says so.
+    """
     from benchmarks.data import loader_processes
 
     table = ResultTable(
@@ -368,14 +523,18 @@ def loader_estimate(
     )  # fmt: skip
     pipeline = {r["case"]: r for r in data_rows}
     for row in train_rows:
-        data = pipeline.get(row["recipe"])
-        if row["loss"] != "CE + GCRF" or data is None:
+        if row["loss"] != "CE + GCRF":
             continue
-        table.add_row(
-            row["recipe"], row["batch"], f"{row['steps_per_s']:.2f}",
-            f"{row['batch'] * row['steps_per_s']:.0f}", f"{data['gcrf_samples_per_s']:.0f}",
-            loader_processes(row["batch"], row["steps_per_s"], data["gcrf_ms"]),
-        )  # fmt: skip
+        cells = [row["recipe"], row["batch"], f"{row['steps_per_s']:.2f}",
+                 f"{row['batch'] * row['steps_per_s']:.0f}"]  # fmt: skip
+        data = pipeline.get(row["recipe"])
+        if data is not None:
+            processes = loader_processes(row["batch"], row["steps_per_s"], data["gcrf_ms"])
+            table.add_row(*cells, f"{data['gcrf_samples_per_s']:.0f}", processes)
+        elif not data_rows:
+            table.add_row(*cells, f"not measured: data step {data_status or 'not run'}", "")
+        else:
+            table.add_row(*cells, f"not measured: no {row['recipe']} case in benchmarks.data", "")
     return table
 
 
@@ -433,10 +592,14 @@ def render(report: dict[str, Any]) -> str:
         rows = [Row(**{k: v for k, v in r.items() if k in fields}) for r in train]
         parts += ["**Training step** per recipe (recipe batch sizes, fp32)",
                   step_table(rows, "").markdown()]  # fmt: skip
-        data = _result(report, "data")
-        if data:
-            parts += ["**Data loading** (samples/s per worker measured on this machine's CPU)",
-                      loader_estimate(train, data).markdown()]  # fmt: skip
+        ran = [f"{r['recipe']} {r['loss_backend']}" for r in train if r.get("loss_backend")]
+        if ran:
+            parts.append("Backend that ran the Gated CRF term (the recipes' `backend=\"auto\"`): "
+                         + ", ".join(ran) + ".")  # fmt: skip
+        status = next((s["status"] for s in report["steps"] if s["name"] == "data"), None)
+        data = _result(report, "data") or []
+        parts += ["**Data loading** (samples/s per worker measured on this machine's CPU)",
+                  loader_estimate(train, data, status).markdown()]  # fmt: skip
     parts.append("**Tests**, compiled on the GPU (no interpreter)")
     parts.append(
         "\n".join(_tests_line(n, _result(report, n)) for n in ("cuda_tests", "kernel_tests"))
@@ -449,20 +612,21 @@ def render(report: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def _print_plan(steps: Sequence[Step], work_dir: Path) -> None:
+def _print_plan(steps: Sequence[Step], work_dir: Path, deadline_s: float) -> None:
     table = ResultTable("python -m benchmarks.device: the plan", ["step", "what", "command", "budget"],
                         left=3)  # fmt: skip
     for step in steps:
         command = shlex.join(["python", *step.command(work_dir)[1:]])
         table.add_row(step.name, step.what, command, f"{step.budget_s:.0f} s")
-    table.notes.append(f"{sum(s.budget_s for s in steps):.0f} s of budgets in all.")
+    table.notes.append(f"{sum(s.budget_s for s in steps):.0f} s of budgets in all; no step starts "
+                       f"after {deadline_s:.0f} s.")  # fmt: skip
     table.print()
 
 
 def main(
     dry_run: bool = False,
     steps: list[str] | None = None,
-    deadline_s: float = 540.0,
+    deadline_s: float = DEADLINE_S,
     work_dir: str = "runs/device",
     results: str = str(RESULTS),
     json_path: str = str(JSON_PATH),
@@ -486,7 +650,7 @@ def main(
             raise ValueError(f"steps must be among {list(STEP_NAMES)}, got {unknown}")
         selected = [step for step in selected if step.name in steps]
     work = REPOSITORY / work_dir
-    _print_plan(selected, work)
+    _print_plan(selected, work, deadline_s)
     import torch
 
     if dry_run or not torch.cuda.is_available():

@@ -70,7 +70,8 @@ def main(json_path: str | None = None) -> list[dict]:
     """Time the self-check of every case of :data:`CASES`; print and optionally write the rows.
 
     Args:
-        json_path: also write the rows there as JSON.
+        json_path: also write the rows there as JSON, after every case (a run cut short keeps the
+            cases done).
     """
     rows = []
     with tempfile.TemporaryDirectory() as cache:
@@ -78,9 +79,9 @@ def main(json_path: str | None = None) -> list[dict]:
             cold = _check_in_fresh_process(dtype, rank, Path(cache))
             warm = _check_in_fresh_process(dtype, rank, Path(cache))
             rows.append({"dtype": dtype, "rank": rank, "cold": cold, "warm": warm})
+            if json_path is not None:
+                Path(json_path).write_text(json.dumps(rows, indent=1))
     selfcheck_table(rows).print()
-    if json_path is not None:
-        Path(json_path).write_text(json.dumps(rows, indent=1))
     return rows
 
 
