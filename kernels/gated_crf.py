@@ -125,21 +125,30 @@ def _channel_tile(P, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _load_tile_features(
-    features_n_ptr,
+def _load_tile_window(
+    pid_n,
     offs_p,
     p_mask,
+    features_ptr,
+    mask_src_ptr,
+    mask_dst_ptr,
     NUM_FEATURES,
     P,
     HAS_FEATURES: tl.constexpr,
+    HAS_MASK_DST: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_F: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Features of the tile's own pixels [BLOCK_P, BLOCK_F] and the channel offsets (int64).
+    """The tile's side of the window of sample ``pid_n``: the sample's feature and gate pointers,
+    the features of the tile's own pixels [BLOCK_P, BLOCK_F] with their channel offsets (int64)
+    and mask, and the centre gate ``m_dst(i)``.
 
     Without features (position-only kernels) the tile is zeros and every channel is masked off.
     """
+    features_n_ptr = features_ptr + pid_n * NUM_FEATURES * P
+    mask_src_n_ptr = mask_src_ptr + pid_n * P
+    mask_dst_n_ptr = mask_dst_ptr + pid_n * P
     offs_f = tl.arange(0, BLOCK_F)
     if HAS_FEATURES:
         f_mask = offs_f < NUM_FEATURES
@@ -153,7 +162,8 @@ def _load_tile_features(
         f_mask = offs_f < 0
         offs_f64 = tl.zeros([BLOCK_F], dtype=tl.int64)
         f_i = tl.zeros([BLOCK_P, BLOCK_F], dtype=ACC)
-    return f_i, offs_f64, f_mask
+    m_dst_i = _load_gate(mask_dst_n_ptr, offs_p, p_mask, HAS_MASK_DST, BLOCK_P, ACC)
+    return features_n_ptr, mask_src_n_ptr, mask_dst_n_ptr, f_i, offs_f64, f_mask, m_dst_i
 
 
 @triton.jit
@@ -315,15 +325,13 @@ def _gated_crf_kernel(
     )
     field_a_n_ptr = field_a_ptr + pid_n * C * P
     field_b_n_ptr = field_b_ptr + pid_n * C * P
-    features_n_ptr = features_ptr + pid_n * NUM_FEATURES * P
-    mask_src_n_ptr = mask_src_ptr + pid_n * P
-    mask_dst_n_ptr = mask_dst_ptr + pid_n * P
-
-    f_i, offs_f64, f_mask = _load_tile_features(
-        features_n_ptr, offs_p, p_mask, NUM_FEATURES, P, HAS_FEATURES, BLOCK_P, BLOCK_F, ACC
-    )
+    features_n_ptr, mask_src_n_ptr, mask_dst_n_ptr, f_i, offs_f64, f_mask, m_dst_i = (
+        _load_tile_window(
+            pid_n, offs_p, p_mask, features_ptr, mask_src_ptr, mask_dst_ptr, NUM_FEATURES, P,
+            HAS_FEATURES, HAS_MASK_DST, BLOCK_P, BLOCK_F, ACC,
+        )
+    )  # fmt: skip
     m_src_i = _load_gate(mask_src_n_ptr, offs_p, p_mask, HAS_MASK_SRC, BLOCK_P, ACC)
-    m_dst_i = _load_gate(mask_dst_n_ptr, offs_p, p_mask, HAS_MASK_DST, BLOCK_P, ACC)
 
     message = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     weight_sum = tl.zeros([BLOCK_P], dtype=ACC)
@@ -418,12 +426,12 @@ def _window_affinity_kernel(
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1).to(tl.int64)
     offs_p, p_mask, d_i, h_i, w_i = _tile_coordinates(pid_p, P, H, W, BLOCK_P)
-    features_n_ptr = features_ptr + pid_n * NUM_FEATURES * P
-    mask_src_n_ptr = mask_src_ptr + pid_n * P
-    f_i, offs_f64, f_mask = _load_tile_features(
-        features_n_ptr, offs_p, p_mask, NUM_FEATURES, P, HAS_FEATURES, BLOCK_P, BLOCK_F, ACC
-    )
-    m_dst_i = _load_gate(mask_dst_ptr + pid_n * P, offs_p, p_mask, HAS_MASK_DST, BLOCK_P, ACC)
+    features_n_ptr, mask_src_n_ptr, _mask_dst_n_ptr, f_i, offs_f64, f_mask, m_dst_i = (
+        _load_tile_window(
+            pid_n, offs_p, p_mask, features_ptr, mask_src_ptr, mask_dst_ptr, NUM_FEATURES, P,
+            HAS_FEATURES, HAS_MASK_DST, BLOCK_P, BLOCK_F, ACC,
+        )
+    )  # fmt: skip
 
     NUM_OFFSETS: tl.constexpr = (2 * RADIUS_D + 1) * (2 * RADIUS + 1) * (2 * RADIUS + 1)
     # The output plane of offset o starts o·P elements after the sample's: the pointer advances by
@@ -477,12 +485,12 @@ def _window_message_kernel(
         P, H, W, C, BLOCK_P, BLOCK_C
     )
     field_n_ptr = field_ptr + pid_n * C * P
-    features_n_ptr = features_ptr + pid_n * NUM_FEATURES * P
-    mask_src_n_ptr = mask_src_ptr + pid_n * P
-    f_i, offs_f64, f_mask = _load_tile_features(
-        features_n_ptr, offs_p, p_mask, NUM_FEATURES, P, HAS_FEATURES, BLOCK_P, BLOCK_F, ACC
-    )
-    m_dst_i = _load_gate(mask_dst_ptr + pid_n * P, offs_p, p_mask, HAS_MASK_DST, BLOCK_P, ACC)
+    features_n_ptr, mask_src_n_ptr, _mask_dst_n_ptr, f_i, offs_f64, f_mask, m_dst_i = (
+        _load_tile_window(
+            pid_n, offs_p, p_mask, features_ptr, mask_src_ptr, mask_dst_ptr, NUM_FEATURES, P,
+            HAS_FEATURES, HAS_MASK_DST, BLOCK_P, BLOCK_F, ACC,
+        )
+    )  # fmt: skip
 
     message = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     NUM_OFFSETS: tl.constexpr = (2 * RADIUS_D + 1) * (2 * RADIUS + 1) * (2 * RADIUS + 1)
@@ -513,22 +521,22 @@ def _window_message_kernel(
 
 @functools.lru_cache(maxsize=64)
 def _window_tables(
-    kernel_bounds: tuple[int, ...],
-    kernel_weights: tuple[float, ...],
-    kernel_pos_scales: tuple[float, ...],
+    gaussian_bounds: tuple[int, ...],
+    gaussian_weights: tuple[float, ...],
+    gaussian_pos_scales: tuple[float, ...],
     radius: int,
     rank: int,
     device: torch.device,
     dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
-    """``coef[o, k] = w_k · exp(-½ Σ_a (δ_a(o) · s_ka)²)`` (0 at the centre) and the int32 bounds.
+    """``coef[o, k] = w_k · exp(−½ Σ_a (δ_a(o) · s_k[a])²)`` (0 at the centre) and the int32 bounds.
 
     Offsets ``o`` run row-major over the window padded to 3 axes (depth radius 0 in 2D), which is
     also the order of the affinity output.
     """
-    num_terms = len(kernel_weights)
+    num_terms = len(gaussian_weights)
     radius_d = radius if rank == 3 else 0
-    scales = [kernel_pos_scales[k * rank : (k + 1) * rank] for k in range(num_terms)]
+    scales = [gaussian_pos_scales[k * rank : (k + 1) * rank] for k in range(num_terms)]
     if rank == 2:
         scales = [(0.0, *s) for s in scales]
     coef = []
@@ -539,9 +547,9 @@ def _window_tables(
                 for k in range(num_terms):
                     s_d, s_h, s_w = scales[k]
                     pos = (od * s_d) ** 2 + (oh * s_h) ** 2 + (ow * s_w) ** 2
-                    coef.append(0.0 if centre else kernel_weights[k] * math.exp(-0.5 * pos))
+                    coef.append(0.0 if centre else gaussian_weights[k] * math.exp(-0.5 * pos))
     coef_table = torch.tensor(coef, dtype=dtype, device=device)
-    bounds = torch.tensor(kernel_bounds, dtype=torch.int32, device=device)
+    bounds = torch.tensor(gaussian_bounds, dtype=torch.int32, device=device)
     return coef_table, bounds
 
 
@@ -550,9 +558,9 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 def _common_launch_args(
     features: Tensor,
-    kernel_bounds: Sequence[int],
-    kernel_weights: Sequence[float],
-    kernel_pos_scales: Sequence[float],
+    gaussian_bounds: Sequence[int],
+    gaussian_weights: Sequence[float],
+    gaussian_pos_scales: Sequence[float],
     radius: int,
     spatial: Sequence[int],
     acc_dtype: torch.dtype,
@@ -567,9 +575,9 @@ def _common_launch_args(
             f"the triton backend needs fewer than 2**31 pixels per sample, got {spatial}"
         )
     coef, bounds = _window_tables(
-        tuple(int(b) for b in kernel_bounds),
-        tuple(float(x) for x in kernel_weights),
-        tuple(float(x) for x in kernel_pos_scales),
+        tuple(int(b) for b in gaussian_bounds),
+        tuple(float(x) for x in gaussian_weights),
+        tuple(float(x) for x in gaussian_pos_scales),
         int(radius),
         rank,
         features.device,
@@ -577,7 +585,7 @@ def _common_launch_args(
     )
     num_features = features.shape[1]
     constexprs = {
-        "NUM_GAUSSIANS": len(kernel_weights),
+        "NUM_GAUSSIANS": len(gaussian_weights),
         "RADIUS": int(radius),
         "RADIUS_D": int(radius) if rank == 3 else 0,
         "HAS_FEATURES": num_features > 0,
@@ -600,8 +608,8 @@ def _window_arguments(
     return tensors, {"HAS_MASK_SRC": mask_src is not None, "HAS_MASK_DST": mask_dst is not None}
 
 
-def _launch(kernel: triton.runtime.Autotuner, grid, *args, **kwargs) -> None:
-    """Launch an autotuned kernel, or its plain JIT function with the fixed config.
+def _launch(program: triton.runtime.Autotuner, grid, *args, **kwargs) -> None:
+    """Launch an autotuned GPU kernel, or its plain JIT function with the fixed config.
 
     The fixed config runs in the interpreter, under ``torch.use_deterministic_algorithms(True)`` and
     inside :func:`untuned`: every launch is bitwise reproducible within a process either way, but
@@ -610,10 +618,10 @@ def _launch(kernel: triton.runtime.Autotuner, grid, *args, **kwargs) -> None:
     """
     if autotune.INTERPRET or torch.are_deterministic_algorithms_enabled() or _UNTUNED.get():
         config = autotune.fixed_config(kwargs)
-        logger.debug("%s: fixed config %s (no autotuning)", kernel.fn.__name__, config)
-        kernel.fn[grid](*args, **kwargs, **config)
+        logger.debug("%s: fixed config %s (no autotuning)", program.fn.__name__, config)
+        program.fn[grid](*args, **kwargs, **config)
     else:
-        kernel[grid](*args, **kwargs)
+        program[grid](*args, **kwargs)
 
 
 def _channel_block(num_channels: int) -> int:
@@ -623,9 +631,9 @@ def _channel_block(num_channels: int) -> int:
 def _pairwise_sum(
     probs: Tensor,
     features: Tensor,
-    kernel_bounds: Sequence[int],
-    kernel_weights: Sequence[float],
-    kernel_pos_scales: Sequence[float],
+    gaussian_bounds: Sequence[int],
+    gaussian_weights: Sequence[float],
+    gaussian_pos_scales: Sequence[float],
     radius: int,
     mask_src: Tensor | None,
     mask_dst: Tensor | None,
@@ -639,9 +647,9 @@ def _pairwise_sum(
     features = features.to(acc_dtype).contiguous()
     coef, bounds, (p, d, h, w), constexprs = _common_launch_args(
         features,
-        kernel_bounds,
-        kernel_weights,
-        kernel_pos_scales,
+        gaussian_bounds,
+        gaussian_weights,
+        gaussian_pos_scales,
         radius,
         probs.shape[2:],
         acc_dtype,
@@ -701,9 +709,9 @@ def _pairwise_sum(
 def _window_message(
     field: Tensor,
     features: Tensor,
-    kernel_bounds: Sequence[int],
-    kernel_weights: Sequence[float],
-    kernel_pos_scales: Sequence[float],
+    gaussian_bounds: Sequence[int],
+    gaussian_weights: Sequence[float],
+    gaussian_pos_scales: Sequence[float],
     radius: int,
     mask_src: Tensor | None,
     mask_dst: Tensor | None,
@@ -714,7 +722,7 @@ def _window_message(
     field = field.contiguous()
     features = features.to(acc_dtype).contiguous()
     coef, bounds, (p, d, h, w), constexprs = _common_launch_args(
-        features, kernel_bounds, kernel_weights, kernel_pos_scales, radius, field.shape[2:],
+        features, gaussian_bounds, gaussian_weights, gaussian_pos_scales, radius, field.shape[2:],
         acc_dtype,
     )  # fmt: skip
     out = torch.empty(field.shape, dtype=acc_dtype, device=field.device)
@@ -742,9 +750,9 @@ def _window_message(
 def _pairwise_sum_op(
     probs: Tensor,
     features: Tensor,
-    kernel_bounds: list[int],
-    kernel_weights: list[float],
-    kernel_pos_scales: list[float],
+    gaussian_bounds: list[int],
+    gaussian_weights: list[float],
+    gaussian_pos_scales: list[float],
     radius: int,
     mask_src: Tensor | None,
     mask_dst: Tensor | None,
@@ -752,13 +760,13 @@ def _pairwise_sum_op(
     with_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     return _pairwise_sum(
-        probs, features, kernel_bounds, kernel_weights, kernel_pos_scales, radius,
+        probs, features, gaussian_bounds, gaussian_weights, gaussian_pos_scales, radius,
         mask_src, mask_dst, compatibility, with_grad,
     )  # fmt: skip
 
 
 @_pairwise_sum_op.register_fake
-def _(probs, features, kernel_bounds, kernel_weights, kernel_pos_scales, radius, mask_src,
+def _(probs, features, gaussian_bounds, gaussian_weights, gaussian_pos_scales, radius, mask_src,
       mask_dst, compatibility, with_grad):  # fmt: skip
     acc_dtype = accumulation_dtype(probs.dtype)
     grad_shape = probs.shape if with_grad else (0,)
@@ -796,9 +804,9 @@ _pairwise_sum_op.register_autograd(_backward, setup_context=_setup_context)
 def _window_affinity_op(
     features: Tensor,
     spatial_shape: list[int],
-    kernel_bounds: list[int],
-    kernel_weights: list[float],
-    kernel_pos_scales: list[float],
+    gaussian_bounds: list[int],
+    gaussian_weights: list[float],
+    gaussian_pos_scales: list[float],
     radius: int,
     mask_src: Tensor | None,
     mask_dst: Tensor | None,
@@ -807,9 +815,15 @@ def _window_affinity_op(
     features = features.contiguous()
     n = features.shape[0]
     coef, bounds, (p, d, h, w), constexprs = _common_launch_args(
-        features, kernel_bounds, kernel_weights, kernel_pos_scales, radius, spatial_shape, acc_dtype
+        features,
+        gaussian_bounds,
+        gaussian_weights,
+        gaussian_pos_scales,
+        radius,
+        spatial_shape,
+        acc_dtype,
     )
-    num_offsets = coef.numel() // len(kernel_weights)
+    num_offsets = coef.numel() // len(gaussian_weights)
     # The kernel computes in acc_dtype (float64 for float64 features) and stores in out's dtype.
     out = torch.empty((n, num_offsets, *spatial_shape), dtype=acc_dtype, device=features.device)
     window, gates = _window_arguments(features, mask_src, mask_dst, coef)
@@ -826,7 +840,7 @@ def _window_affinity_op(
 
 
 @_window_affinity_op.register_fake
-def _(features, spatial_shape, kernel_bounds, kernel_weights, kernel_pos_scales, radius,
+def _(features, spatial_shape, gaussian_bounds, gaussian_weights, gaussian_pos_scales, radius,
       mask_src, mask_dst):  # fmt: skip
     num_offsets = (2 * radius + 1) ** len(spatial_shape)
     dtype = accumulation_dtype(features.dtype)
@@ -837,21 +851,21 @@ def _(features, spatial_shape, kernel_bounds, kernel_weights, kernel_pos_scales,
 def _window_message_op(
     field: Tensor,
     features: Tensor,
-    kernel_bounds: list[int],
-    kernel_weights: list[float],
-    kernel_pos_scales: list[float],
+    gaussian_bounds: list[int],
+    gaussian_weights: list[float],
+    gaussian_pos_scales: list[float],
     radius: int,
     mask_src: Tensor | None,
     mask_dst: Tensor | None,
 ) -> Tensor:
     return _window_message(
-        field, features, kernel_bounds, kernel_weights, kernel_pos_scales, radius, mask_src,
+        field, features, gaussian_bounds, gaussian_weights, gaussian_pos_scales, radius, mask_src,
         mask_dst,
     )  # fmt: skip
 
 
 @_window_message_op.register_fake
-def _(field, features, kernel_bounds, kernel_weights, kernel_pos_scales, radius, mask_src,
+def _(field, features, gaussian_bounds, gaussian_weights, gaussian_pos_scales, radius, mask_src,
       mask_dst):  # fmt: skip
     return field.new_empty(field.shape, dtype=accumulation_dtype(field.dtype))
 
@@ -896,7 +910,7 @@ def _check_device(name: str, tensor: Tensor) -> None:
 def gated_crf_pairwise_sum(inputs: PairwiseInputs) -> Tensor:
     """The loss's pairwise sum ``S`` (docs/math.md#loss), fused in Triton.
 
-    Never materialises the window: memory O(N·C·|S|), bitwise reproducible run to run. When
+    Never materialises the window: memory O(N·C·|Ω|), bitwise reproducible run to run. When
     ``probs`` requires a gradient the same sweep produces ∂S/∂probs (saved for the backward, which
     scales it; the affinity is never stored). Registered as ``torch.ops.gcrf.gated_crf_pairwise_sum``,
     so ``torch.compile`` keeps it in the graph.
@@ -906,7 +920,7 @@ def gated_crf_pairwise_sum(inputs: PairwiseInputs) -> Tensor:
             window and the normalised compatibility μ̂ or None (Potts); checked when built.
 
     Shape:
-        probs: N×C×h×w or N×C×d×h×w (``S``); features: N×F×S; masks: N×1×S; μ̂: C×C.
+        probs: N×C×*Ω with Ω = (h, w) or (d, h, w); features: N×F×*Ω; masks: N×1×*Ω; μ̂: C×C.
 
     Returns:
         0-dim tensor ``S``, float32 (float64 when ``probs`` is float64).
@@ -937,7 +951,7 @@ def window_affinity(window: GatedWindow) -> Tensor:
         window: the gated window (features already divided by σ, kernel tables, radius, gates).
 
     Shape:
-        features: N×F×*S → N×(2r+1)^k×*S, offsets row-major over the window (each axis from −r
+        features: N×F×*Ω → N×(2r+1)^q×*Ω, offsets row-major over the window (each axis from −r
         to r); 0 where ``j`` is outside the image or ``j == i``.
 
     Returns:

@@ -83,22 +83,22 @@ def check_radius(radius: object) -> int:
 
 @dataclass(frozen=True)
 class GatedWindow:
-    """The gated affinity ``G_ij · K_ij`` of every pixel to its (2r+1)^k window, as tables.
+    """The gated affinity ``G_ij · K_ij`` of every pixel to its (2r+1)^q window, as tables.
 
     ``K`` and ``G`` are those of docs/math.md#kernel and #gates: ``f_k`` is the channel range
     ``kernel_slices[k]`` of ``features``, ``s_k`` is ``kernel_pos_scales[k]``, ``w_k`` is
     ``kernel_weights[k]``.
 
     Args:
-        features: N×F×*S per-pixel feature vectors, each kernel's channels already divided by its
+        features: N×F×*Ω per-pixel feature vectors, each kernel's channels already divided by its
             σ; F may be 0 (position-only kernels).
         kernel_slices: per kernel, the ``[start, stop)`` channel range of ``features``.
         kernel_weights: per kernel, ``w_k ≥ 0``.
         kernel_pos_scales: per kernel, per spatial axis, the factor turning an offset of δ
             prediction pixels into σ units (``spacing_a / σ_xy``); all 0.0 without a position term.
         radius: window radius r ≥ 1.
-        mask_src: optional N×1×*S gate of the neighbour ``j``, values exactly 0 or 1.
-        mask_dst: optional N×1×*S gate of the centre ``i``, likewise.
+        mask_src: optional N×1×*Ω gate of the neighbour ``j``, values exactly 0 or 1.
+        mask_dst: optional N×1×*Ω gate of the centre ``i``, likewise.
 
     Raises:
         TypeError, ValueError: an argument of the wrong type, shape or range (the message names it).
@@ -154,7 +154,7 @@ class GatedWindow:
                 continue
             if not isinstance(mask, Tensor) or _shape(mask) != expected:
                 raise ValueError(
-                    f"{name} must be a tensor of shape {expected} (N×1×S of features); "
+                    f"{name} must be a tensor of shape {expected} (N×1×*Ω of features); "
                     f"got {describe(mask)}"
                 )
             if mask.device != features.device:
@@ -168,7 +168,7 @@ class GatedWindow:
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
-        """S: (h, w) or (d, h, w)."""
+        """Ω: (h, w) or (d, h, w)."""
         return tuple(self.features.shape[2:])
 
     @property
@@ -178,7 +178,7 @@ class GatedWindow:
 
     @property
     def num_offsets(self) -> int:
-        """Window size (2r+1)^k, the channel count of the affinity."""
+        """Window size (2r+1)^q, the channel count of the affinity."""
         return (2 * self.radius + 1) ** self.spatial_rank
 
 
@@ -187,8 +187,8 @@ class PairwiseInputs:
     """The inputs of ``gated_crf_pairwise_sum``: probabilities, the gated window, μ̂.
 
     Args:
-        probs: N×C×*S class probabilities (fp16/bf16/fp32/fp64), the only input with a gradient.
-        window: the gated Gaussian window at the same N and S.
+        probs: N×C×*Ω class probabilities (fp16/bf16/fp32/fp64), the only input with a gradient.
+        window: the gated Gaussian window at the same N and Ω.
         compatibility: the normalised compatibility μ̂ = (C−1)·μ/rowsum(μ) (C×C), or None (Potts).
 
     Raises:
@@ -215,7 +215,7 @@ class PairwiseInputs:
 
 
 def check_field(window: GatedWindow, field: object, name: str = "field") -> None:
-    """Check that ``field`` is an N×C×*S float tensor on the window's N, S and device.
+    """Check that ``field`` is an N×C×*Ω float tensor on the window's N, Ω and device.
 
     The input of ``window_message`` (``name="field"``) and the probabilities of
     :class:`PairwiseInputs` (``name="probs"``); raises ``TypeError``/``ValueError`` naming it.
@@ -235,7 +235,7 @@ def check_field(window: GatedWindow, field: object, name: str = "field") -> None
         (field.shape[0], *field.shape[2:]) != (features.shape[0], *features.shape[2:])
     ):
         raise ValueError(
-            f"{name} must be N×C×S with the N and S of the window's features "
+            f"{name} must be N×C×*Ω with the N and Ω of the window's features "
             f"{_shape(features)}; got shape {_shape(field)}"
         )
     if field.device != features.device:

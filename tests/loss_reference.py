@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gcrf.kernels.window import GatedWindow
+
 POSITION_KEYS = {2: "xy", 3: "xyz"}
 
 
@@ -36,9 +38,12 @@ def _pair_weights(
     mask_src: np.ndarray | None,
     mask_dst: np.ndarray | None,
 ) -> np.ndarray:
-    """W[i, j] = m_dst(i) m_src(j) Σ_k w_k exp(−½‖v_k(i) − v_k(j)‖²) for j in the window of i.
+    """W[i, j] = m_dst(i) m_src(j) Σ_k w_k exp(−½‖x_k(i) − x_k(j)‖²) for j in the window of i.
 
-    vectors[k]: P×F_k per-pixel feature vectors of kernel k (positions already included).
+    vectors[k]: P×F_k per-pixel vectors x_k(i) = (f_k(i), s_k ⊙ i) of kernel k: its features
+    (docs/math.md#kernel) with the scaled pixel coordinates appended, so that
+    ‖x_k(i) − x_k(j)‖² = ‖f_k(i) − f_k(j)‖² + ‖δ ⊙ s_k‖² (the position term computed from
+    coordinates, independently of the backends' per-offset factor).
     """
     pixels = list(itertools.product(*(range(s) for s in shape)))
     flat = {p: index for index, p in enumerate(pixels)}
@@ -77,16 +82,9 @@ def _loss_from_weights(probs: Tensor, weights: Tensor, compatibility: Tensor | N
     return (weights * (y @ mu @ y.transpose(1, 2))).sum()
 
 
-def naive_weights_from_prepared(
-    features: Tensor,
-    kernel_slices: Sequence[tuple[int, int]],
-    kernel_weights: Sequence[float],
-    kernel_pos_scales: Sequence[Sequence[float]],
-    radius: int,
-    mask_src: Tensor | None,
-    mask_dst: Tensor | None,
-) -> Tensor:
-    """N×P×P float64 pair weights W = G ⊙ K from the backend-contract arguments."""
+def naive_weights_from_prepared(window: GatedWindow) -> Tensor:
+    """N×P×P float64 pair weights W = G ⊙ K of a gated window (docs/CONTRACTS.md §1)."""
+    features = window.features
     batch = features.shape[0]
     shape = tuple(features.shape[2:])
     coordinates = np.array(list(itertools.product(*(range(s) for s in shape))), dtype=np.float64)
@@ -95,48 +93,27 @@ def naive_weights_from_prepared(
         flat = features[n].detach().to(torch.float64).flatten(1).T.cpu().numpy()  # P×F
         vectors = [
             np.concatenate([flat[:, a:b], coordinates * np.asarray(scales)], axis=1)
-            for (a, b), scales in zip(kernel_slices, kernel_pos_scales, strict=True)
+            for (a, b), scales in zip(window.kernel_slices, window.kernel_pos_scales, strict=True)
         ]
-        src = None if mask_src is None else mask_src[n, 0].double().flatten().cpu().numpy()
-        dst = None if mask_dst is None else mask_dst[n, 0].double().flatten().cpu().numpy()
-        out.append(_pair_weights(vectors, kernel_weights, shape, radius, src, dst))
+        gates = [
+            None if mask is None else mask[n, 0].double().flatten().cpu().numpy()
+            for mask in (window.mask_src, window.mask_dst)
+        ]
+        out.append(_pair_weights(vectors, window.kernel_weights, shape, window.radius, *gates))
     return torch.from_numpy(np.stack(out))
 
 
-def naive_pairwise_sum(
-    probs: Tensor,
-    features: Tensor,
-    kernel_slices: Sequence[tuple[int, int]],
-    kernel_weights: Sequence[float],
-    kernel_pos_scales: Sequence[Sequence[float]],
-    radius: int,
-    mask_src: Tensor | None,
-    mask_dst: Tensor | None,
-    compatibility: Tensor | None,
-) -> Tensor:
+def naive_pairwise_sum(probs: Tensor, window: GatedWindow, compatibility: Tensor | None) -> Tensor:
     """S of docs/CONTRACTS.md §1 by a plain loop; float64, on CPU, differentiable w.r.t. probs."""
-    weights = naive_weights_from_prepared(
-        features, kernel_slices, kernel_weights, kernel_pos_scales, radius, mask_src, mask_dst
-    )
-    return _loss_from_weights(probs.cpu(), weights, compatibility)
+    return _loss_from_weights(probs.cpu(), naive_weights_from_prepared(window), compatibility)
 
 
-def naive_window_affinity(
-    features: Tensor,
-    kernel_slices: Sequence[tuple[int, int]],
-    kernel_weights: Sequence[float],
-    kernel_pos_scales: Sequence[Sequence[float]],
-    radius: int,
-    mask_src: Tensor | None,
-    mask_dst: Tensor | None,
-) -> Tensor:
-    """window_affinity of CONTRACTS §1 by a plain loop: N×(2r+1)^k×*S float64."""
-    weights = naive_weights_from_prepared(
-        features, kernel_slices, kernel_weights, kernel_pos_scales, radius, mask_src, mask_dst
-    ).numpy()
-    batch = features.shape[0]
-    shape = tuple(features.shape[2:])
-    offsets = _window(radius, len(shape))
+def naive_window_affinity(window: GatedWindow) -> Tensor:
+    """window_affinity of CONTRACTS §1 by a plain loop: N×(2r+1)^q×*Ω float64."""
+    weights = naive_weights_from_prepared(window).numpy()
+    batch = window.features.shape[0]
+    shape = tuple(window.features.shape[2:])
+    offsets = _window(window.radius, len(shape))
     out = np.zeros((batch, len(offsets), *shape))
     pixels = list(itertools.product(*(range(s) for s in shape)))
     flat = {p: index for index, p in enumerate(pixels)}
@@ -148,20 +125,9 @@ def naive_window_affinity(
     return torch.from_numpy(out)
 
 
-def naive_window_message(
-    field: Tensor,
-    features: Tensor,
-    kernel_slices: Sequence[tuple[int, int]],
-    kernel_weights: Sequence[float],
-    kernel_pos_scales: Sequence[Sequence[float]],
-    radius: int,
-    mask_src: Tensor | None,
-    mask_dst: Tensor | None,
-) -> Tensor:
+def naive_window_message(field: Tensor, window: GatedWindow) -> Tensor:
     """M_i = Σ_j G_ij K_ij v_j by the pair-weight loop; float64, on CPU, differentiable in field."""
-    weights = naive_weights_from_prepared(
-        features, kernel_slices, kernel_weights, kernel_pos_scales, radius, mask_src, mask_dst
-    )
+    weights = naive_weights_from_prepared(window)
     v = field.cpu().to(torch.float64)
     return torch.einsum("nij,ncj->nci", weights, v.flatten(2)).reshape(v.shape)
 

@@ -12,8 +12,12 @@ are in tests/test_kernels.py.
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gcrf.kernels.window import GatedWindow, PairwiseInputs
 from gcrf.loss.backends import Backend, available_backends, get_backend
@@ -84,19 +88,6 @@ def window_of(inputs: dict, tables: dict) -> GatedWindow:
     )
 
 
-def reference_args(inputs: dict, tables: dict) -> tuple:
-    """The window's fields in the order of the naive references."""
-    return (
-        inputs["features"],
-        tables["kernel_slices"],
-        tables["kernel_weights"],
-        tables["kernel_pos_scales"],
-        tables["radius"],
-        inputs["mask_src"],
-        inputs["mask_dst"],
-    )
-
-
 def pairwise_with_grad(core: Backend, inputs: dict, tables: dict, upstream: float):
     """Value and ∂(upstream·S)/∂probs of one backend (the gradient in probs' dtype)."""
     probs = inputs["probs"].detach().clone().requires_grad_(True)
@@ -109,7 +100,7 @@ def pairwise_with_grad(core: Backend, inputs: dict, tables: dict, upstream: floa
 
 def reference_with_grad(inputs: dict, tables: dict, upstream: float):
     probs = inputs["probs"].detach().cpu().double().requires_grad_(True)
-    value = naive_pairwise_sum(probs, *reference_args(inputs, tables), inputs["compatibility"])
+    value = naive_pairwise_sum(probs, window_of(inputs, tables), inputs["compatibility"])
     (value * upstream).backward()
     return value.detach(), probs.grad
 
@@ -284,7 +275,7 @@ def test_window_affinity_matches_reference(core, spatial, radius):
     out = core.window_affinity(window_of(inputs, tables))
     assert out.dtype == torch.float32
     assert out.shape == (2, (2 * radius + 1) ** rank, *spatial)
-    expected = naive_window_affinity(*reference_args(inputs, tables))
+    expected = naive_window_affinity(window_of(inputs, tables))
     torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-5, atol=1e-7)
     assert torch.all(out[:, ((2 * radius + 1) ** rank) // 2] == 0)  # the centre offset
 
@@ -295,7 +286,7 @@ def test_window_affinity_of_float64_features_is_float64(core):
               "kernel_pos_scales": ((0.2, 0.2),), "radius": 1}  # fmt: skip
     out = core.window_affinity(window_of(inputs, tables))
     assert out.dtype == torch.float64
-    expected = naive_window_affinity(*reference_args(inputs, tables))
+    expected = naive_window_affinity(window_of(inputs, tables))
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-12, atol=1e-14)
 
 
@@ -331,7 +322,7 @@ def test_window_message_matches_reference(core, rank, masks):
     assert torch.equal(field, before)
     assert out.dtype == torch.float32 and out.shape == field.shape
     reference_field = field.double().cpu().requires_grad_(True)
-    expected = naive_window_message(reference_field, *reference_args(inputs, tables))
+    expected = naive_window_message(reference_field, window_of(inputs, tables))
     expected.backward(upstream.double().cpu())
     torch.testing.assert_close(out.double().cpu(), expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad.double().cpu(), reference_field.grad, rtol=1e-5, atol=1e-6)
@@ -357,7 +348,7 @@ def test_window_message_dtypes(core, dtype):
     tables = {**TWO_KERNELS, "radius": 2}
     field = inputs["probs"]
     out, grad = message_with_grad(core, window_of(inputs, tables), field, torch.ones_like(field))
-    expected = naive_window_message(field.double(), *reference_args(inputs, tables))
+    expected = naive_window_message(field.double(), window_of(inputs, tables))
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert out.dtype == acc and grad.dtype == dtype
     tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -400,7 +391,7 @@ def test_backends_take_the_typed_contract_only(core):
         core.window_affinity(inputs["features"])
     with pytest.raises(TypeError, match="GatedWindow"):
         core.window_message(inputs["features"], inputs["probs"])
-    with pytest.raises(ValueError, match=r"field must be N×C×S .* got shape \(2, 5, 13, 16\)"):
+    with pytest.raises(ValueError, match=r"field must be N×C×\*Ω .* got shape \(2, 5, 13, 16\)"):
         core.window_message(window, inputs["probs"][..., :-1])
     with pytest.raises(TypeError, match="field must be a float16"):
         core.window_message(window, inputs["probs"].to(torch.int64))
@@ -422,7 +413,7 @@ def test_contract_values_check_themselves():
     with pytest.raises(ValueError, match="mask_src"):
         GatedWindow(features, **good, mask_src=probs[:, :1, :-1])
     window = GatedWindow(features, **good)
-    with pytest.raises(ValueError, match="probs must be N×C×S"):
+    with pytest.raises(ValueError, match="probs must be N×C×\\*Ω"):
         PairwiseInputs(probs[..., :-1], window)
     with pytest.raises(ValueError, match="compatibility"):
         PairwiseInputs(probs, window, torch.eye(3))
@@ -430,3 +421,63 @@ def test_contract_values_check_themselves():
         PairwiseInputs(probs[:, :, None, None], window)
     with pytest.raises(TypeError, match="probs"):
         PairwiseInputs(probs.to(torch.int64), window)
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages that torch operations create and keep alive inside the
+    ``with`` block: a storage counts from the op that returns it until the last tensor returned on
+    it is freed. Independent of the allocator and of the process's other memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._refs: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, key: int) -> None:
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            del self._refs[key]
+            self.current -= self._sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in pytree.tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor) or not tensor.untyped_storage().nbytes():
+                continue
+            key = tensor.untyped_storage().data_ptr()
+            if key not in self._refs:
+                self._refs[key] = 0
+                self._sizes[key] = tensor.untyped_storage().nbytes()
+                self.current += self._sizes[key]
+                self.peak = max(self.peak, self.current)
+            self._refs[key] += 1
+            weakref.finalize(tensor, self._release, key)
+        return out
+
+
+@pytest.mark.parametrize("op", ["pairwise_sum", "window_message"])
+@pytest.mark.parametrize("masks", ["none", "both"])
+def test_torch_backend_memory_does_not_grow_with_the_radius(op, masks):
+    """docs/math.md#message: the affinity is never stored, so the peak memory of a forward +
+    backward is a few field-sized tensors whatever the radius (a half window of affinities held at
+    once would grow ~(2r+1)²: 9× from r = 1 to r = 9 here)."""
+    core = get_backend("torch")
+    peaks = []
+    for radius in (1, 9):
+        inputs = make_inputs(n=1, c=3, spatial=(24, 24), masks=masks, seed=19)
+        probs = inputs["probs"].cpu().requires_grad_(True)
+        window = GatedWindow(
+            inputs["features"].cpu(), **{**TWO_KERNELS, "radius": radius},
+            mask_src=None if inputs["mask_src"] is None else inputs["mask_src"].cpu(),
+            mask_dst=None if inputs["mask_dst"] is None else inputs["mask_dst"].cpu(),
+        )  # fmt: skip
+        with LiveTensorBytes() as memory:
+            if op == "pairwise_sum":
+                core.pairwise_sum(PairwiseInputs(probs, window)).backward()
+            else:
+                core.window_message(window, probs).sum().backward()
+        peaks.append(memory.peak)
+    field_bytes = probs.numel() * probs.element_size()
+    assert peaks[1] <= peaks[0] + 2 * field_bytes, peaks

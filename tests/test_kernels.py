@@ -33,7 +33,6 @@ from tests.test_backend_contract import (
     assert_pairwise_sum_matches,
     make_inputs,
     pairwise_with_grad,
-    reference_args,
     reference_with_grad,
     window_of,
 )
@@ -55,7 +54,7 @@ def test_channels_split_over_several_blocks(monkeypatch, c, compat):
     tables = {**TWO_KERNELS, "radius": 1}
     assert_pairwise_sum_matches(TRITON, inputs, tables, upstream=2.5)
     window = window_of(inputs, tables)
-    expected = naive_window_message(inputs["probs"], *reference_args(inputs, tables))
+    expected = naive_window_message(inputs["probs"], window_of(inputs, tables))
     message = gated_crf.window_message(window, inputs["probs"])
     torch.testing.assert_close(message.double().cpu(), expected, rtol=1e-5, atol=1e-6)
 
@@ -69,16 +68,15 @@ def test_several_pixel_tiles(monkeypatch, spatial):
     tables = {**TWO_KERNELS, "radius": 2}
     assert_pairwise_sum_matches(TRITON, inputs, tables)
     window = window_of(inputs, tables)
-    args = reference_args(inputs, tables)
     torch.testing.assert_close(
         gated_crf.window_message(window, inputs["probs"]).double().cpu(),
-        naive_window_message(inputs["probs"], *args),
+        naive_window_message(inputs["probs"], window),
         rtol=1e-5,
         atol=1e-6,
     )
     torch.testing.assert_close(
         gated_crf.window_affinity(window).double().cpu(),
-        naive_window_affinity(*args),
+        naive_window_affinity(window),
         rtol=1e-5,
         atol=1e-7,
     )

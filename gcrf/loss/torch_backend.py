@@ -15,7 +15,7 @@ Gradient of ``S``. As docs/math.md#message derives, ``∂S/∂y`` is the same fi
 directions and ``S`` follows from that message, so the gradient is produced during the forward sweep
 (one probs-sized buffer, saved) and the backward only scales it by the upstream gradient, as
 Liger-Kernel's fused cross-entropy does. When no gradient is needed the sweep updates only the ``i``
-side of each pair (half the work). The affinity is never stored: memory is O(N·C·|S|), independent
+side of each pair (half the work). The affinity is never stored: memory is O(N·C·|Ω|), independent
 of the radius. The message op's backward is the message of the upstream gradient with the gate
 transposed (masks swapped), computed by the same sweep.
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -54,7 +55,7 @@ __all__ = [
 
 
 def window_offsets(radius: int, spatial_rank: int) -> list[tuple[int, ...]]:
-    """All offsets of the (2r+1)^k window in row-major order, each axis from −r to r.
+    """All offsets of the (2r+1)^q window in row-major order, each axis from −r to r.
 
     Example:
         >>> window_offsets(1, 2)[:4]
@@ -170,59 +171,66 @@ def _as_region_tensor(
     return torch.full(shape, affinity, dtype=dtype, device=reference.device)
 
 
-def _pair_affinities(
-    features: Tensor,
-    kernel_slices: Sequence[tuple[int, int]],
-    kernel_weights: Sequence[float],
-    kernel_pos_scales: Sequence[Sequence[float]],
-    radius: int,
-) -> list[tuple[int, tuple[slice, ...], tuple[slice, ...], Tensor]]:
-    """The half window, pair by pair: for every offset after the centre (row-major) that has pairs
-    inside the image, its index in :func:`window_offsets`, the two sides and ``K_ij`` of its pairs
-    (N×1×region, in the features' dtype). Offsets whose coefficients are all zero are skipped.
+def _half_window(
+    window: GatedWindow,
+) -> list[tuple[int, tuple[slice, ...], tuple[slice, ...], list[float]]]:
+    """The half window, offset by offset: for every offset after the centre (row-major) that has
+    pairs inside the image, its index in :func:`window_offsets`, the two sides of its pairs and its
+    per-kernel coefficients (:func:`_offset_coefficients`). Offsets whose coefficients are all zero
+    are skipped.
 
-    Each backend function below is one loop over this list (a list, not a generator, so that
-    ``torch.compile`` unrolls it).
+    Only these descriptions are listed (a list, not a generator, so that ``torch.compile`` unrolls
+    the loops over it); each backend function computes an offset's ``K_ij``
+    (:func:`_pair_affinity`) inside its loop and drops it before the next offset, so the affinity
+    of the whole window is never held at once.
     """
-    spatial_shape = tuple(features.shape[2:])
-    offsets = window_offsets(int(radius), len(spatial_shape))
+    spatial_shape = window.spatial_shape
+    offsets = window_offsets(window.radius, len(spatial_shape))
     pairs = []
     for index in range(len(offsets) // 2 + 1, len(offsets)):
         offset = offsets[index]
         sides = _pair_slices(offset, spatial_shape)
         if sides is None:
             continue
-        coefficients = _offset_coefficients(offset, kernel_weights, kernel_pos_scales)
+        coefficients = _offset_coefficients(offset, window.kernel_weights, window.kernel_pos_scales)
         if not any(coefficients):
             continue
-        side_i, side_j = sides
-        affinity = _offset_affinity(features, side_i, side_j, kernel_slices, coefficients)
-        region = _as_region_tensor(affinity, features, side_i, features.dtype)
-        pairs.append((index, side_i, side_j, region))
+        pairs.append((index, *sides, coefficients))
     return pairs
 
 
-def _sweep(
-    probs: Tensor,
+def _pair_affinity(
     features: Tensor,
+    side_i: tuple[slice, ...],
+    side_j: tuple[slice, ...],
     kernel_slices: Sequence[tuple[int, int]],
-    kernel_weights: Sequence[float],
-    kernel_pos_scales: Sequence[Sequence[float]],
-    radius: int,
-    mask_src: Tensor | None,
-    mask_dst: Tensor | None,
-    compatibility: Tensor | None,
-    both_sides: bool,
+    coefficients: Sequence[float],
+) -> Tensor:
+    """``K_ij`` of one offset's pairs as an N×1×region tensor in the features' dtype."""
+    affinity = _offset_affinity(features, side_i, side_j, kernel_slices, coefficients)
+    return _as_region_tensor(affinity, features, side_i, features.dtype)
+
+
+def _window_tensors(
+    window: GatedWindow, acc: torch.dtype
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The window's features and gates in the accumulation dtype (gates None where absent)."""
+    features = window.features.to(acc)
+    m_src = None if window.mask_src is None else window.mask_src.to(acc)
+    m_dst = None if window.mask_dst is None else window.mask_dst.to(acc)
+    return features, m_src, m_dst
+
+
+def _sweep(
+    probs: Tensor, window: GatedWindow, compatibility: Tensor | None, both_sides: bool
 ) -> tuple[Tensor, Tensor]:
     """One sweep over the half window. Returns (S, ∂S/∂y) or (S, M_i) when ``both_sides`` is False.
 
-    ``probs`` and ``features`` are already in the accumulation dtype; the algebra is that of
-    docs/math.md#message.
+    ``probs`` is already in the accumulation dtype; the algebra is that of docs/math.md#message.
     """
     acc = probs.dtype
-    gated = mask_src is not None or mask_dst is not None
-    m_src = None if mask_src is None else mask_src.to(acc)
-    m_dst = None if mask_dst is None else mask_dst.to(acc)
+    features, m_src, m_dst = _window_tensors(window, acc)
+    gated = m_src is not None or m_dst is not None
 
     if compatibility is None:
         fields = None
@@ -241,8 +249,8 @@ def _sweep(
 
     message = torch.zeros_like(probs)
     gate_sums: list[Tensor] = []
-    pairs = _pair_affinities(features, kernel_slices, kernel_weights, kernel_pos_scales, radius)
-    for _, side_i, side_j, affinity in pairs:
+    for _, side_i, side_j, coefficients in _half_window(window):
+        affinity = _pair_affinity(features, side_i, side_j, window.kernel_slices, coefficients)
         if compatibility is None:
             # Potts: w = (G_ij + G_ji) K_ij, the weight of the unordered pair.
             if m_src is None and m_dst is None:
@@ -288,32 +296,10 @@ class _PairwiseSum(torch.autograd.Function):
     """S with its gradient computed in the same sweep (module docstring)."""
 
     @staticmethod
-    def forward(
-        ctx,
-        probs: Tensor,
-        features: Tensor,
-        kernel_slices: tuple[tuple[int, int], ...],
-        kernel_weights: tuple[float, ...],
-        kernel_pos_scales: tuple[tuple[float, ...], ...],
-        radius: int,
-        mask_src: Tensor | None,
-        mask_dst: Tensor | None,
-        compatibility: Tensor | None,
-    ) -> Tensor:
+    def forward(ctx, probs: Tensor, window: GatedWindow, compatibility: Tensor | None) -> Tensor:
         acc = accumulation_dtype(probs.dtype)
         needs_grad = ctx.needs_input_grad[0]
-        total, grad = _sweep(
-            _flush(probs.to(acc)),
-            features.to(acc),
-            kernel_slices,
-            kernel_weights,
-            kernel_pos_scales,
-            radius,
-            mask_src,
-            mask_dst,
-            compatibility,
-            both_sides=needs_grad,
-        )
+        total, grad = _sweep(_flush(probs.to(acc)), window, compatibility, both_sides=needs_grad)
         if needs_grad:
             ctx.save_for_backward(grad)
         ctx.probs_dtype = probs.dtype
@@ -324,7 +310,7 @@ class _PairwiseSum(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         (grad,) = ctx.saved_tensors
         grad_probs = (grad * grad_out.to(grad.dtype)).to(ctx.probs_dtype)
-        return grad_probs, None, None, None, None, None, None, None, None
+        return grad_probs, None, None
 
 
 def gated_crf_pairwise_sum(inputs: PairwiseInputs) -> Tensor:
@@ -337,7 +323,7 @@ def gated_crf_pairwise_sum(inputs: PairwiseInputs) -> Tensor:
             radius, 0/1 gates) and the normalised compatibility μ̂ or None; checked when built.
 
     Shape:
-        probs: N×C×*S with S = (h, w) or (d, h, w); features: N×F×*S; masks: N×1×*S.
+        probs: N×C×*Ω with Ω = (h, w) or (d, h, w); features: N×F×*Ω; masks: N×1×*Ω.
 
     Returns:
         0-dim tensor, float32 (float64 for float64 probs).
@@ -348,18 +334,7 @@ def gated_crf_pairwise_sum(inputs: PairwiseInputs) -> Tensor:
         >>> s = gated_crf_pairwise_sum(PairwiseInputs(y, window))
     """
     check_type("inputs", inputs, PairwiseInputs)
-    window = inputs.window
-    return _PairwiseSum.apply(
-        inputs.probs,
-        window.features,
-        window.kernel_slices,
-        window.kernel_weights,
-        window.kernel_pos_scales,
-        window.radius,
-        window.mask_src,
-        window.mask_dst,
-        inputs.compatibility,
-    )
+    return _PairwiseSum.apply(inputs.probs, inputs.window, inputs.compatibility)
 
 
 def window_affinity(window: GatedWindow) -> Tensor:
@@ -369,7 +344,7 @@ def window_affinity(window: GatedWindow) -> Tensor:
         window: the gated window (features already divided by σ, kernel tables, radius, gates).
 
     Shape:
-        features: N×F×*S → N×(2r+1)^k×*S (k = len(S)); entry ``[n, o, i]`` is for
+        features: N×F×*Ω → N×(2r+1)^q×*Ω (q = len(Ω)); entry ``[n, o, i]`` is for
         ``j = i + offset_o`` with offsets in row-major order (:func:`window_offsets`); 0 where ``j``
         is outside the image or ``j == i``.
 
@@ -382,17 +357,11 @@ def window_affinity(window: GatedWindow) -> Tensor:
         torch.Size([1, 9, 8, 8])
     """
     check_type("window", window, GatedWindow)
-    acc = accumulation_dtype(window.features.dtype)
-    features = window.features.to(acc)
+    features, m_src, m_dst = _window_tensors(window, accumulation_dtype(window.features.dtype))
     count = window.num_offsets
     out = features.new_zeros((features.shape[0], count, *features.shape[2:]))
-    m_src = None if window.mask_src is None else window.mask_src.to(acc)
-    m_dst = None if window.mask_dst is None else window.mask_dst.to(acc)
-    pairs = _pair_affinities(
-        features, window.kernel_slices, window.kernel_weights, window.kernel_pos_scales,
-        window.radius,
-    )  # fmt: skip
-    for index, side_i, side_j, affinity in pairs:
+    for index, side_i, side_j, coefficients in _half_window(window):
+        affinity = _pair_affinity(features, side_i, side_j, window.kernel_slices, coefficients)
         # [o, i] holds G_ij K_ij with j = i + δ; the mirrored offset −δ (index count−1−o) at j holds
         # G_ji K_ji = m_dst(j) m_src(i) K_ij.
         forward_gate = affinity
@@ -409,30 +378,20 @@ def window_affinity(window: GatedWindow) -> Tensor:
     return out
 
 
-def _message(
-    field: Tensor,
-    features: Tensor,
-    kernel_slices: Sequence[tuple[int, int]],
-    kernel_weights: Sequence[float],
-    kernel_pos_scales: Sequence[Sequence[float]],
-    radius: int,
-    mask_src: Tensor | None,
-    mask_dst: Tensor | None,
-) -> Tensor:
+def _message(field: Tensor, window: GatedWindow) -> Tensor:
     """``M_i = m_dst(i) Σ_j K_ij m_src(j) v_j`` over the half window, both directions per pair."""
     acc = accumulation_dtype(field.dtype)
+    features, m_src, m_dst = _window_tensors(window, acc)
     source = _flush(field.to(acc))
-    if mask_src is not None:
-        source = source * mask_src.to(acc)
+    if m_src is not None:
+        source = source * m_src
     message = torch.zeros_like(source)
-    pairs = _pair_affinities(
-        features.to(acc), kernel_slices, kernel_weights, kernel_pos_scales, radius
-    )
-    for _, side_i, side_j, affinity in pairs:
+    for _, side_i, side_j, coefficients in _half_window(window):
+        affinity = _pair_affinity(features, side_i, side_j, window.kernel_slices, coefficients)
         message[side_i].addcmul_(source[side_j], affinity)
         message[side_j].addcmul_(source[side_i], affinity)
-    if mask_dst is not None:
-        message = message.mul_(mask_dst.to(acc))
+    if m_dst is not None:
+        message = message.mul_(m_dst)
     return message
 
 
@@ -442,34 +401,19 @@ class _WindowMessage(torch.autograd.Function):
     differentiable)."""
 
     @staticmethod
-    def forward(
-        ctx,
-        field: Tensor,
-        features: Tensor,
-        kernel_slices: tuple[tuple[int, int], ...],
-        kernel_weights: tuple[float, ...],
-        kernel_pos_scales: tuple[tuple[float, ...], ...],
-        radius: int,
-        mask_src: Tensor | None,
-        mask_dst: Tensor | None,
-    ) -> Tensor:
-        ctx.save_for_backward(features, mask_src, mask_dst)
-        ctx.tables = (kernel_slices, kernel_weights, kernel_pos_scales, radius)
+    def forward(ctx, field: Tensor, window: GatedWindow) -> Tensor:
+        ctx.window = window
         ctx.field_dtype = field.dtype
-        return _message(
-            field, features, kernel_slices, kernel_weights, kernel_pos_scales, radius, mask_src,
-            mask_dst,
-        )  # fmt: skip
+        return _message(field, window)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        features, mask_src, mask_dst = ctx.saved_tensors
         grad_field = None
         if ctx.needs_input_grad[0]:
-            grad_field = _WindowMessage.apply(
-                grad_out, features, *ctx.tables, mask_dst, mask_src
-            ).to(ctx.field_dtype)
-        return grad_field, None, None, None, None, None, None, None
+            window = ctx.window
+            transposed = replace(window, mask_src=window.mask_dst, mask_dst=window.mask_src)
+            grad_field = _WindowMessage.apply(grad_out, transposed).to(ctx.field_dtype)
+        return grad_field, None
 
 
 def window_message(window: GatedWindow, field: Tensor) -> Tensor:
@@ -483,7 +427,7 @@ def window_message(window: GatedWindow, field: Tensor) -> Tensor:
             fp64).
 
     Shape:
-        field: N×C×*S with the window's N and S → N×C×*S.
+        field: N×C×*Ω with the window's N and Ω → N×C×*Ω.
 
     Returns:
         ``M``, float32 (float64 for a float64 field).
@@ -494,13 +438,4 @@ def window_message(window: GatedWindow, field: Tensor) -> Tensor:
         torch.Size([1, 4, 8, 8])
     """
     check_field(window, field)
-    return _WindowMessage.apply(
-        field,
-        window.features,
-        window.kernel_slices,
-        window.kernel_weights,
-        window.kernel_pos_scales,
-        window.radius,
-        window.mask_src,
-        window.mask_dst,
-    )
+    return _WindowMessage.apply(field, window)
