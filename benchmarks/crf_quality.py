@@ -6,9 +6,9 @@ checkpoints ``python -m recipes.acdc_compare`` writes, one per run), predicts th
 slice as validation does, and for each model:
 
 1. chooses gcrf's setting from the comparison's own grid (:class:`recipes.acdc_compare.RefinementGrid`:
-   one kernel over position and intensity, 36 settings) and from a grid of the shape of
-   pydensecrf2's (:func:`two_term_grid`: a smoothness term and a bilateral term, 36 settings), and
-   pydensecrf2's from :data:`PYDENSECRF_GRID` (36 settings), all with
+   one kernel over position and intensity, 36 settings) and from pydensecrf2's own grid converted
+   setting for setting (:func:`pydensecrf_grid_for_gcrf`, 36 settings), and pydensecrf2's from
+   :data:`PYDENSECRF_GRID` (36 settings), all with
    :func:`gcrf.training.select_refinement` on the same volumes of the fold's **training** patients
    (by mean 3D Dice);
 2. scores the validation volumes raw, refined by gcrf's choice and refined by pydensecrf2's:
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,11 +46,12 @@ from benchmarks.tables import ResultTable, update_results
 
 __all__ = [
     "PYDENSECRF_GRID",
+    "PYDENSECRF_GRID_RADIUS",
     "PydensecrfSetting",
     "main",
+    "pydensecrf_grid_for_gcrf",
     "pydensecrf_refinement",
     "quality_table",
-    "two_term_grid",
 ]
 
 
@@ -83,22 +85,36 @@ PYDENSECRF_GRID: tuple[PydensecrfSetting, ...] = tuple(
 )
 
 
-def two_term_grid(modality: str, iterations: int = 5) -> list[Any]:
-    """36 gcrf settings shaped like pydensecrf2's: a smoothness term ``{"weight", "xy": 1.5}`` (σ
-    3 image pixels at the comparison's stride of about 2) of weight {0, 0.5, 1} and a bilateral
-    term ``{"weight", "xy", modality}`` of weight {0.25, 0.5}, σ_xy {3, 5}, σ_intensity
-    {0.02, 0.05, 0.1}; radius 5, Potts. A zero smoothness weight leaves that term out."""
+#: The window of gcrf's counterpart of :data:`PYDENSECRF_GRID` (:func:`pydensecrf_grid_for_gcrf`).
+PYDENSECRF_GRID_RADIUS = 5
+
+
+def pydensecrf_grid_for_gcrf(
+    modality: str, radius: int = PYDENSECRF_GRID_RADIUS, iterations: int = 5
+) -> list[Any]:
+    """gcrf's counterpart of :data:`PYDENSECRF_GRID`, setting for setting: the same Gaussian and
+    bilateral terms (σ_xy in the pixels of the refined slices, the intensity σ converted from 0–255
+    units) through :func:`gcrf.crf.kernels_from_pydensecrf` with ``window_radius``, so each weight
+    is pydensecrf's ``compat`` over its Gaussian's mass in the window, as pydensecrf's
+    normalisation makes it where the intensity is uniform; radius 5, Potts. The two CRFs then
+    differ only in what they are: a window against full connection, the mass against the
+    per-pixel normalisation."""
+    from gcrf.crf import kernels_from_pydensecrf
     from gcrf.training import CRFSetting
 
-    settings = []
-    for smooth, weight, sxy, sigma in itertools.product(
-        (0.0, 0.5, 1.0), (0.25, 0.5), (3.0, 5.0), (0.02, 0.05, 0.1)
-    ):
-        kernels = [{"weight": weight, "xy": sxy, modality: sigma}]
-        if smooth:
-            kernels.insert(0, {"weight": smooth, "xy": 1.5})
-        settings.append(CRFSetting(kernels, radius=5, iterations=iterations))
-    return settings
+    return [
+        CRFSetting(
+            kernels_from_pydensecrf(
+                [(s.gaussian_sxy, s.gaussian_compat)],
+                [(s.bilateral_sxy, s.bilateral_srgb, s.bilateral_compat)],
+                modality=modality,
+                window_radius=radius,
+            ),
+            radius=radius,
+            iterations=iterations,
+        )
+        for s in PYDENSECRF_GRID
+    ]
 
 
 def pydensecrf_refinement(
@@ -249,7 +265,11 @@ def main(
         console.print(f"[{run}] validation mean 3D Dice {raw['dice']:.3f} (raw)", markup=False)
         candidates = (
             ("gcrf, one kernel", ours, grid.settings(modality)),
-            ("gcrf, two terms", ours, two_term_grid(modality, grid.iterations)),
+            (
+                "gcrf, pydensecrf's grid",
+                ours,
+                pydensecrf_grid_for_gcrf(modality, iterations=grid.iterations),
+            ),
             ("pydensecrf2", pydensecrf_refinement, PYDENSECRF_GRID),
         )
         for name, refine, settings in candidates:
@@ -272,6 +292,12 @@ def main(
     return rows
 
 
+def _short_numbers(text: str) -> str:
+    """``text`` with every number of more than four decimals shown to four significant digits
+    (the converted weights, e.g. 0.06200380582484522 → 0.062)."""
+    return re.sub(r"\d+\.\d{5,}", lambda match: f"{float(match.group()):.4g}", text)
+
+
 def quality_table(rows: Sequence[Mapping[str, Any]], classes: Sequence[str]) -> ResultTable:
     """The rows as a table: run, CRF, validation Dice (± std), per class, HD95, gain, setting."""
     table = ResultTable(
@@ -286,7 +312,7 @@ def quality_table(rows: Sequence[Mapping[str, Any]], classes: Sequence[str]) -> 
         table.add_row(
             row["run"], row["crf"], f"{row['dice']:.3f} ± {row['dice_std']:.3f}",
             *(f"{d:.3f}" for d in row["dice_per_class"]), f"{row['hd95']:.1f}", gain,
-            row["setting"],
+            _short_numbers(row["setting"]),
         )  # fmt: skip
     return table
 

@@ -11,6 +11,8 @@ import os
 import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,7 +137,10 @@ def test_render_on_fake_results(tmp_path):
              "steps_per_s": 10.0},
             {"recipe": "voc", "model": "deeplabv3p resnet34", "loss": "CE + GCRF", "batch": 48,
              "size": 256, "ms_per_step": 125.0, "images_per_s": 384.0, "peak_bytes": 2**31,
-             "steps_per_s": 8.0}]},
+             "steps_per_s": 8.0, "loss_backend": "triton"},
+            {"recipe": "acdc", "model": "unet resnet34", "loss": "CE + GCRF", "batch": 12,
+             "size": 256, "ms_per_step": 50.0, "images_per_s": 240.0, "peak_bytes": 2**30,
+             "steps_per_s": 20.0, "loss_backend": "torch"}]},
         {"name": "data", "budget_s": 45, "status": "ok", "seconds": 10, "result": [
             {"case": "voc", "batch_size": 48, "gcrf_ms": 10.0, "gcrf_samples_per_s": 100.0}]},
         {"name": "crf", "budget_s": 60, "status": "timed out after 60 s", "seconds": 60},
@@ -152,6 +157,8 @@ def test_render_on_fake_results(tmp_path):
     # Loss: 0.5 s / 0.01 s; the loader: 48 images × 8 steps/s = 384 samples/s at 100 per worker.
     assert "| 8×512×512, C=21 | fp32 | gcrf triton | 10.0 ms | 1024 MiB | 50.0× |" in text
     assert "| voc | 48 | 8.00 | 384 | 100 | 4 |" in text
+    assert "| acdc | 12 | 20.00 | 240 | not measured: no acdc case in benchmarks.data |  |" in text
+    assert 'Gated CRF term (the recipes\' `backend="auto"`): voc triton, acdc torch.' in text
     assert (
         "| voc | deeplabv3p resnet34 | CE + GCRF | 48 | 256² | 125 | 8.00 | 384.0 | +25.0 % |"
         in text
@@ -175,7 +182,14 @@ def _python(code: str) -> tuple[str, ...]:
     return ("-c", code)
 
 
-def test_run_plan_keeps_partial_results(tmp_path):
+@pytest.fixture
+def rendered_once():
+    """Import what rendering a report needs (lightning, among others) before a plan's clock starts:
+    the first render of a process would otherwise eat seconds of the short deadlines below."""
+    device.render(fake_report([]))
+
+
+def test_run_plan_keeps_partial_results(tmp_path, rendered_once):
     rows = [loss_row("triton", "fp32", 0.01), loss_row("unfold", "fp32", 0.5)]
     write_rows = f"import json; json.dump({rows!r}, open('{{work}}/loss.json', 'w'))"
     steps = [
@@ -188,7 +202,7 @@ def test_run_plan_keeps_partial_results(tmp_path):
     results, json_path = tmp_path / "RESULTS.md", tmp_path / "device.json"
     results.write_text("# Benchmark results\n\nkept text\n")
     report = device.run_plan(steps, {"device": "Fake GPU"}, tmp_path / "work", results,
-                             json_path, deadline_s=5.0)  # fmt: skip
+                             json_path, deadline_s=5.0, grace_s=0.5)  # fmt: skip
     statuses = [step["status"] for step in report["steps"]]
     assert statuses[0] == "ok" and statuses[1] == "failed (3)"
     assert statuses[2] == "skipped: no_such_module_x is not in this checkout"
@@ -200,6 +214,54 @@ def test_run_plan_keeps_partial_results(tmp_path):
     text = results.read_text()
     assert "kept text" in text and text.count("<!-- device-table:start -->") == 1
     assert "| loss | 20 s |" in text and "50.0×" in text  # the first step's rows were kept
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie waiting for its parent does not)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_timed_out_step_takes_everything_it_started_with_it(tmp_path, rendered_once):
+    # The step starts a grandchild that sleeps (as xdist workers or fresh-process rows would),
+    # then sleeps itself past its budget: both must be gone once the step is recorded.
+    sleeper = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(120)"
+    grandchild = (
+        f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {sleeper!r}]); "
+        "open(sys.argv[1], 'w').write(str(p.pid)); time.sleep(120)"
+    )
+    steps = [device.Step("data", 3, "starts a grandchild", ("-c", grandchild, "{work}/pid"))]
+    began = time.monotonic()
+    report = device.run_plan(steps, {"device": "Fake GPU"}, tmp_path / "work",
+                             tmp_path / "RESULTS.md", tmp_path / "device.json", deadline_s=4,
+                             grace_s=1)  # fmt: skip
+    assert report["steps"][0]["status"].startswith("timed out after")
+    # SIGINT to the step, SIGKILL to its group (the grandchild ignores SIGINT) a second later.
+    assert time.monotonic() - began < 4 + 10
+    pid = int((tmp_path / "work" / "pid").read_text())
+    for _ in range(50):  # the orphan is reaped by init shortly after its death
+        if not _alive(pid):
+            break
+        time.sleep(0.1)
+    assert not _alive(pid)
+
+
+def test_slack_of_earlier_steps_goes_to_later_ones(tmp_path, rendered_once):
+    steps = [device.Step("loss", 20, "quick", _python("")),
+             device.Step("crf", 5, "absent module", _python(""), needs="no_such_module_x"),
+             device.Step("data", 5, "quick too", _python(""))]  # fmt: skip
+    report = device.run_plan(steps, {"device": "Fake GPU"}, tmp_path / "work",
+                             tmp_path / "RESULTS.md", tmp_path / "device.json", deadline_s=41,
+                             grace_s=1)  # fmt: skip
+    first, skipped, last = report["steps"]
+    # The first may use all but the budget of the last runnable step (and the grace period); the
+    # last, what is left.
+    assert 30 < first["timeout_s"] <= 35 and "timeout_s" not in skipped
+    assert 5 < last["timeout_s"] <= 40 and last["status"] == "ok"
 
 
 def test_update_results_replaces_only_its_block(tmp_path):
@@ -239,14 +301,65 @@ def test_plan_commands_are_accepted_by_their_programs():
     work = REPOSITORY / "runs" / "device-test"
     commands = [[*step.command(work), "--print_config"] for step in device.plan()
                 if step.args[1].startswith("benchmarks.")]  # fmt: skip
-    assert len(commands) == 6
+    assert len(commands) == 5
     runs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=_without_cuda(), cwd=REPOSITORY) for c in commands]  # fmt: skip
     for command, run in zip(commands, runs, strict=True):
         _, err = run.communicate(timeout=300)
         assert run.returncode == 0, f"{command}: {err[-2000:]}"
     budgets = sum(step.budget_s for step in device.plan())
-    assert budgets <= 540  # the default deadline: the plan fits a 10-minute command
+    # Under 5 minutes (the deadline), with room to start Python and write the results.
+    assert device.DEADLINE_S == 300 and budgets <= device.DEADLINE_S - 15
+
+
+def test_the_test_steps_collect_the_right_files():
+    steps = {step.name: step for step in device.plan()}
+    cuda_files = [a for a in steps["cuda_tests"].args if a.startswith("tests")]
+    assert cuda_files == list(device.cuda_test_files())
+    # The files with CUDA tests, not those that merely name the marker (as this one does).
+    assert "tests/test_kernels.py" in cuda_files and "tests/test_benchmarks.py" not in cuda_files
+    kernel = steps["kernel_tests"].args
+    assert [a for a in kernel if a.startswith("tests")] == list(device.KERNEL_TESTS)
+    # The ahead-of-time compile is left out, and it is a test that exists.
+    assert kernel[kernel.index("-k") + 1] == f"not {device.AHEAD_OF_TIME_TEST}"
+    assert f"def {device.AHEAD_OF_TIME_TEST}(" in (REPOSITORY / "tests/test_kernels.py").read_text()
+    order = [step.name for step in device.plan()]
+    assert order[:3] == ["kernel_tests", "cuda_tests", "loss"]  # the most important first
+
+
+def test_train_step_records_the_backend_that_ran_the_loss(tmp_path, monkeypatch):
+    from benchmarks import model
+
+    def fake_main(recipes, batch, iterations, warmup, device):
+        import gcrf.loss
+
+        rows = [model.Row(recipes[0], "net", "CE", 2, 64, 10.0, 200.0, None)]
+        gcrf.loss.choose_backend("auto", torch.rand(1, 2, 4, 4), 2)  # what the GCRF term does
+        return [*rows, model.Row(recipes[0], "net", "CE + GCRF", 2, 64, 20.0, 100.0, None)]
+
+    monkeypatch.setattr(model, "main", fake_main)
+    path = tmp_path / "train_step.json"
+    records = device.train_step(str(path), recipes=["voc", "acdc"], device="cpu")
+    assert json.loads(path.read_text()) == records
+    assert [(r["recipe"], r["loss"], r["loss_backend"]) for r in records] == [
+        ("voc", "CE", ""), ("voc", "CE + GCRF", "torch"),
+        ("acdc", "CE", ""), ("acdc", "CE + GCRF", "torch"),
+    ]  # fmt: skip
+    assert records[1]["steps_per_s"] == 50.0
+    import gcrf.loss
+    from gcrf.loss import backends
+
+    assert gcrf.loss.choose_backend is backends.choose_backend  # the recorder is gone
+
+
+def test_results_md_lists_the_plan():
+    text = (REPOSITORY / "benchmarks" / "RESULTS.md").read_text()
+    section = text[text.index("## GPU: `python -m benchmarks.device`") :]
+    section = section[: section.index("<!-- device-table:start -->")]
+    listed = re.findall(r"^\| `(\w+)` \| (\d+) s \|", section, re.MULTILINE)
+    assert listed == [(step.name, f"{step.budget_s:.0f}") for step in device.plan()]
+    total = sum(step.budget_s for step in device.plan())
+    assert f"{total:.0f} s" in section
 
 
 def test_the_docstring_states_the_plan():
@@ -424,6 +537,15 @@ def test_loss_benchmark_rows_agree_with_the_published_value(tmp_path):
 
 
 @pytest.mark.slow
+def test_train_step_of_the_device_plan_on_cpu(tmp_path):
+    path = tmp_path / "train_step.json"
+    records = device.train_step(str(path), recipes=["synthetic"], device="cpu", batch=1,
+                                iterations=1, warmup=0)  # fmt: skip
+    assert [(r["loss"], r["loss_backend"]) for r in records] == [("CE", ""), ("CE + GCRF", "torch")]
+    assert json.loads(path.read_text()) == records
+
+
+@pytest.mark.slow
 def test_crf_benchmark_runs_rows_in_fresh_processes(tmp_path):
     rows = crf.main(cases=["voc_stride4"], implementations=["unfold", "gcrf_triton"],
                     iterations=[1], grad=[False, True], json_path=str(tmp_path / "crf.json"))  # fmt: skip
@@ -440,23 +562,35 @@ def test_crf_quality_grid_and_table():
     from benchmarks.crf_quality import (
         PYDENSECRF_GRID,
         PydensecrfSetting,
+        pydensecrf_grid_for_gcrf,
         quality_table,
-        two_term_grid,
     )
+    from gcrf.crf import window_mass
     from recipes.acdc_compare import RefinementGrid
 
     # As many pydensecrf2 settings as each gcrf grid; the issue's prototype among them.
-    assert len(PYDENSECRF_GRID) == len(RefinementGrid().settings()) == len(two_term_grid("mr"))
-    assert {len(s.kernels) for s in two_term_grid("mr")} == {1, 2}
+    converted = pydensecrf_grid_for_gcrf("mr")
+    assert len(PYDENSECRF_GRID) == len(RefinementGrid().settings()) == len(converted)
     assert PydensecrfSetting(1.0, 3.0, 5.0, 5.0, 3.0) in PYDENSECRF_GRID
+    # Setting for setting: the same σ's, compat over the Gaussian's mass in the window.
+    for theirs, ours in zip(PYDENSECRF_GRID, converted, strict=True):
+        gaussian, bilateral = ours.kernels
+        assert gaussian["xy"] == theirs.gaussian_sxy and bilateral["xy"] == theirs.bilateral_sxy
+        assert bilateral["mr"] == pytest.approx(theirs.bilateral_srgb / 255)
+        mass = window_mass(theirs.bilateral_sxy, ours.radius)
+        assert bilateral["weight"] == pytest.approx(theirs.bilateral_compat / mass)
     rows = [
         {"run": "pce", "crf": "none", "setting": "", "dice": 0.464, "dice_std": 0.1,
          "dice_per_class": [0.3, 0.5, 0.6], "hd95": 85.5},
         {"run": "pce", "crf": "gcrf", "setting": "w 0.5", "dice": 0.495, "dice_std": 0.1,
          "dice_per_class": [0.3, 0.5, 0.7], "hd95": 68.9},
     ]  # fmt: skip
+    rows.append(
+        {**rows[1], "crf": "converted", "setting": "{'weight': 0.06200380582484522, 'xy': 3.0}"}
+    )
     text = quality_table(rows, ["rv", "myo", "lv"]).markdown()
     assert "| pce | gcrf | 0.495 ± 0.100 | 0.300 | 0.500 | 0.700 | 68.9 | +0.031 | w 0.5 |" in text
+    assert "{'weight': 0.062, 'xy': 3.0} |" in text  # long converted weights shortened
 
 
 def test_pydensecrf_refinement_cleans_a_noisy_slice():

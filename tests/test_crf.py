@@ -24,8 +24,9 @@ from gcrf.crf import (
     mean_field,
     mean_field_crf,
     window_coverage,
+    window_mass,
 )
-from gcrf.loss import gated_window
+from gcrf.loss import gated_window, window_message
 from gcrf.loss.backends import available_backends
 from tests.loss_reference import naive_mean_field_crf
 
@@ -177,7 +178,7 @@ def test_gradcheck_tiny():
 
 
 def test_memory_has_no_window_axis():
-    """Autograd keeps O(T·N·C·|S|): no saved tensor holds a (2r+1)^k window axis."""
+    """Autograd keeps O(T·N·C·|Ω|): no saved tensor holds a (2r+1)^q window axis."""
     logits = _rand(1, 4, 16, 16, seed=20).float().requires_grad_(True)
     features = {"rgb": torch.rand(1, 3, 16, 16)}
     saved: list[int] = []
@@ -348,6 +349,52 @@ def test_pydensecrf_parameters_give_its_update_when_the_window_covers_the_image(
     np.testing.assert_allclose(torch.softmax(refined, 1)[0].numpy(), expected, atol=1e-12)
 
 
+def test_window_mass_is_the_degree_of_a_uniform_region():
+    """window_mass(σ, r) is Σ_{j∈W(i)} exp(−‖δ‖²/2σ²): the degree of an interior pixel of a
+    uniform image under a weight-1 kernel, in 2D and 3D (against the message of ones)."""
+    for sigma, radius, rank in ((1.0, 2, 2), (2.5, 3, 2), (1.5, 1, 3)):
+        brute = sum(
+            math.exp(-0.5 * sum(d * d for d in delta) / sigma**2)
+            for delta in itertools.product(range(-radius, radius + 1), repeat=rank)
+            if any(delta)
+        )
+        assert window_mass(sigma, radius, rank) == pytest.approx(brute, rel=1e-12)
+        size = (2 * radius + 3,) * rank
+        position = "xy" if rank == 2 else "xyz"
+        image = torch.full((1, 1, *size), 0.3, dtype=torch.float64)
+        window = gated_window({"rgb": image}, [{"weight": 1.0, position: sigma, "rgb": 0.1}],
+                              radius)  # fmt: skip
+        degree = window_message(window, torch.ones(1, 1, *size, dtype=torch.float64))
+        centre = (0, 0, *(s // 2 for s in size))
+        assert degree[centre].item() == pytest.approx(window_mass(sigma, radius, rank), rel=1e-12)
+    with pytest.raises(ValueError, match="radius must be an int >= 1"):
+        window_mass(1.0, 0)
+
+
+def test_pydensecrf_weights_scaled_to_the_window_match_its_normalised_filter_in_flat_regions():
+    """With window_radius, each term's weight is compat / window_mass: an interior pixel of a
+    uniform image has degree Σ compat, which is what pydensecrf's normalised filter
+    (n_i Σ_j K_ij n_j, n = d^{-1/2}) gives every pixel of a uniform region."""
+    gaussian, bilateral, radius = [(1.5, 3.0)], [(2.0, 10.0, 5.0)], 3
+    plain = kernels_from_pydensecrf(gaussian, bilateral, modality="intensity")
+    scaled = kernels_from_pydensecrf(gaussian, bilateral, modality="intensity",
+                                     window_radius=radius)  # fmt: skip
+    for a, b in zip(plain, scaled, strict=True):
+        assert b["weight"] == pytest.approx(a["weight"] / window_mass(a["xy"], radius))
+        assert {k: v for k, v in a.items() if k != "weight"} == {
+            k: v for k, v in b.items() if k != "weight"
+        }
+    image = torch.full((1, 1, 11, 11), 0.5, dtype=torch.float64)
+    window = gated_window({"intensity": image}, scaled, radius)
+    degree = window_message(window, torch.ones(1, 1, 11, 11, dtype=torch.float64))
+    assert degree[0, 0, 5, 5].item() == pytest.approx(3.0 + 5.0, rel=1e-12)
+    crf = MeanFieldCRF.from_pydensecrf(gaussian, bilateral, radius=radius, modality="intensity",
+                                       normalise=True)  # fmt: skip
+    assert crf._kernels_desc == scaled
+    with pytest.raises(ValueError, match="radius must be an int >= 1"):
+        kernels_from_pydensecrf(window_radius=0)
+
+
 def test_from_pydensecrf_builds_the_same_crf():
     crf = MeanFieldCRF.from_pydensecrf([(3, 3)], [(80, 13, 10)], radius=3, stride=4,
                                        image_scale=255.0)  # fmt: skip
@@ -398,15 +445,6 @@ def test_subnormal_values_are_flushed_without_touching_the_input():
 
     message = window_message(window, field, backend="torch")
     assert torch.equal(field, before)  # subnormals still there: nothing modified in place
-    expected = naive_window_message(
-        field,
-        window.features,
-        window.kernel_slices,
-        window.kernel_weights,
-        window.kernel_pos_scales,
-        2,
-        None,
-        None,
-    )
+    expected = naive_window_message(field, window)
     torch.testing.assert_close(message.double(), expected, rtol=1e-6, atol=1e-30)  # fmt: skip
     assert not bool(((message != 0) & (message.abs() < tiny)).any())  # no subnormal left

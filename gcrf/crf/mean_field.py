@@ -9,7 +9,7 @@ With unaries ``U`` (the logits), ``Q⁰ = softmax(U)`` and for ``t = 1 … T``::
 the result is ``Ũ^T``. The window (features, downsampling to the logits' size, positions, spacing,
 gates, kernel weights) is prepared exactly as the loss prepares it, so one kernel description means
 the same thing in both. Each iteration is one call of the backend's ``window_message``: the affinity
-is never stored, and autograd keeps O(N·C·|S|) per iteration (``Q`` and ``M``), O(T·N·C·|S|) in all.
+is never stored, and autograd keeps O(N·C·|Ω|) per iteration (``Q`` and ``M``), O(T·N·C·|Ω|) in all.
 """
 
 from __future__ import annotations
@@ -58,14 +58,14 @@ def mean_field(
     :func:`gcrf.loss.gated_window`) and want to reuse it across calls.
 
     Args:
-        logits: the unaries U, N×C×*S with the window's N and S.
+        logits: the unaries U, N×C×*Ω with the window's N and Ω.
         window: the gated window at the logits' size.
         iterations: T ≥ 1.
         compatibility: μ (C×C, ≥ 0, used as given) or None for Potts ``1 − I``.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (:func:`gcrf.loss.choose_backend`).
 
     Returns:
-        ``Ũ^T``, N×C×*S in the logits' dtype (computed in float32; float64 for float64 logits).
+        ``Ũ^T``, N×C×*Ω in the logits' dtype (computed in float32; float64 for float64 logits).
     """
     check_field(window, logits, "logits")
     iterations = validate_iterations(iterations)
@@ -136,7 +136,7 @@ def mean_field_crf(
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
 
     Shape:
-        logits: N×C×*S; features[m]: N×D_m×(integer multiples of S); masks: N×1×(input or S).
+        logits: N×C×*Ω; features[m]: N×D_m×(integer multiples of Ω); masks: N×1×(input or Ω).
 
     Returns:
         ``Ũ^T`` in the logits' dtype (``softmax(result) = Q^T``).
@@ -215,6 +215,7 @@ class MeanFieldCRF(nn.Module):
         stride: int = 1,
         image_scale: float = 1.0,
         modality: str = "rgb",
+        normalise: bool = False,
         backend: str = "auto",
     ) -> MeanFieldCRF:
         """The windowed counterpart of a pydensecrf setup (:func:`gcrf.crf.kernels_from_pydensecrf`).
@@ -225,6 +226,9 @@ class MeanFieldCRF(nn.Module):
             radius, iterations, backend: as for the constructor.
             stride, image_scale, modality: how the logits and the image relate (see
                 :func:`gcrf.crf.kernels_from_pydensecrf`).
+            normalise: divide each weight by its position Gaussian's mass over this window
+                (``window_radius=radius`` of :func:`gcrf.crf.kernels_from_pydensecrf`), as
+                pydensecrf's default normalisation does where the colour is uniform.
 
         Example:
             >>> crf = MeanFieldCRF.from_pydensecrf(gaussian=[(3, 3)], bilateral=[(5, 5, 3)],
@@ -232,7 +236,9 @@ class MeanFieldCRF(nn.Module):
         """
         from gcrf.crf.pydensecrf import kernels_from_pydensecrf
 
-        kernels = kernels_from_pydensecrf(gaussian, bilateral, stride, image_scale, modality)
+        kernels = kernels_from_pydensecrf(
+            gaussian, bilateral, stride, image_scale, modality, radius if normalise else None
+        )
         return cls(kernels, radius=radius, iterations=iterations, backend=backend)
 
     @property
@@ -262,7 +268,7 @@ class MeanFieldCRF(nn.Module):
         mask_src: Tensor | None = None,
         mask_dst: Tensor | None = None,
     ) -> Tensor:
-        """Refined logits ``Ũ^T`` (N×C×*S, the logits' dtype)."""
+        """Refined logits ``Ũ^T`` (N×C×*Ω, the logits' dtype)."""
         window = self.window(logits, features, mask_src, mask_dst)
         return mean_field(logits, window, self.iterations, self.compatibility, self.backend)
 
