@@ -11,8 +11,8 @@ it as one of its steps)::
 + written per second), each the median of ``triton.testing.do_bench``.
 
 **Work model** (:func:`pairwise_sum_work`, :func:`mean_field_work`). The fused sweep of the gated
-window filter (docs/math.md#message) visits, for every pixel ``i`` of the N×|S| pixels, every
-offset of the (2r+1)^k window (k = 2 or 3 spatial axes; the centre and out-of-image neighbours
+window filter (docs/math.md#message) visits, for every pixel ``i`` of the N×|Ω| pixels, every
+offset of the (2r+1)^q window (k = 2 or 3 spatial axes; the centre and out-of-image neighbours
 included: the kernel computes them and their weight is 0). Per (pixel, offset) pair, with F feature
 channels, K Gaussian kernels, C classes and g gates given (0, 1 or 2), it counts
 
@@ -25,8 +25,8 @@ channels, K Gaussian kernels, C classes and g gates given (0, 1 or 2), it counts
 - Potts: ``Σ G_ij K_ij``, one add;
 
 and per pixel ``⟨y_i, M_i⟩``: ``2C``. The bytes are the floor any implementation must move through
-DRAM: read the probabilities (N·C·|S| in their dtype), the features (N·F·|S|, fp32) and each gate
-(N·|S| fp32) once, and write ∂S/∂probs (N·C·|S| in the probabilities' dtype) once. The mean-field
+DRAM: read the probabilities (N·C·|Ω| in their dtype), the features (N·F·|Ω|, fp32) and each gate
+(N·|Ω| fp32) once, and write ∂S/∂probs (N·C·|Ω| in the probabilities' dtype) once. The mean-field
 CRF (docs/math.md#mean-field) is T sweeps of the value-only message (no Potts sum) plus, per pixel
 and iteration, μ applied to M (``2C²``; Potts ``1 − I``: ``2C``, ``Σ_l' M(l') − M(l)``) and ``5C``
 (``U − μM``, then the softmax: max, exp, sum, divide), moving per iteration U, Q, the features and

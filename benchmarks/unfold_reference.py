@@ -1,7 +1,7 @@
 """The unfold formulations of the windowed CRF: the one home of each, the benchmarks' baselines.
 
 Both materialise the window: every neighbour of every pixel is copied into an
-N×C×(2r+1)^k×|S| tensor (``F.unfold``), so their memory grows with the window — the wall gcrf
+N×C×(2r+1)^q×|Ω| tensor (``F.unfold``), so their memory grows with the window — the wall gcrf
 removes. Not part of the library.
 
 - :func:`published_gated_crf` / :func:`unfold_gated_crf_loss`: the published Gated CRF loss
@@ -14,7 +14,7 @@ removes. Not part of the library.
   ``mask_src`` they agree.
 - :func:`unfold_mean_field_crf`: mean-field refinement on the same kernel (docs/math.md#mean-field)
   the way ConvCRF (Teichmann & Cipolla, 2019) computes it: the gated kernel unfolded once
-  (N×(2r+1)^k×|S|), then per iteration the probabilities unfolded (N×C×(2r+1)^k×|S|), multiplied
+  (N×(2r+1)^q×|Ω|), then per iteration the probabilities unfolded (N×C×(2r+1)^q×|Ω|), multiplied
   by the kernel and summed over the window. 2D through ``F.unfold``, 3D by padding and
   ``Tensor.unfold`` along each axis (the same copy). The baseline of ``python -m benchmarks.crf``.
 """
@@ -38,7 +38,7 @@ __all__ = [
 
 
 def _unfold_window(t: Tensor, radius: int) -> Tensor:
-    """N×D×*S → N×D×(2r+1)^k×|S|: every pixel's window neighbours, zero outside the image."""
+    """N×D×*Ω → N×D×(2r+1)^q×|Ω|: every pixel's window neighbours, zero outside the image."""
     n, channels, *spatial = t.shape
     d = 2 * radius + 1
     if len(spatial) == 2:
@@ -50,7 +50,7 @@ def _unfold_window(t: Tensor, radius: int) -> Tensor:
 
 
 def _positions(like: Tensor, scale: Sequence[float]) -> Tensor:
-    """N×k×*S pixel coordinates (tensor axis order) times a per-axis scale, in ``like``'s dtype."""
+    """N×k×*Ω pixel coordinates (tensor axis order) times a per-axis scale, in ``like``'s dtype."""
     n, _, *size = like.shape
     axes = [torch.arange(s, dtype=like.dtype, device=like.device) for s in size]
     grid = torch.meshgrid(*axes, indexing="ij")
@@ -63,7 +63,7 @@ def _window_kernel(
     modality: Callable[[str], Tensor],
     radius: int,
 ) -> Tensor:
-    """``Σ_k w_k exp(−½‖f_k(j) − f_k(i)‖²)`` for every window offset, N×(2r+1)^k×|S|, 0 at the
+    """``Σ_k w_k exp(−½‖f_k(j) − f_k(i)‖²)`` for every window offset, N×(2r+1)^q×|Ω|, 0 at the
     centre; features zero-padded at the border (kernels towards out-of-image pixels are kept).
 
     ``f_k`` is the concatenation of the kernel's modalities over their σ, ``positions`` for
@@ -188,8 +188,8 @@ def unfold_mean_field_crf(
     axis when ``spacing`` is given. Computed in ``logits``' dtype, differentiable w.r.t. ``logits``.
 
     Shape:
-        logits: N×C×*S (S = (h, w) or (d, h, w)); features[m]: N×D×*S_in; masks: N×1×*S_in.
-        Returns N×C×*S.
+        logits: N×C×*Ω (Ω = (h, w) or (d, h, w)); features[m]: N×D×*Ω_in; masks: N×1×*Ω_in.
+        Returns N×C×*Ω.
     """
     n, c, *spatial = logits.shape
     size = tuple(spatial)
@@ -233,8 +233,8 @@ def unfold_crf_peak_bytes_estimate(
 ) -> int:
     """Rough extra peak memory of :func:`unfold_mean_field_crf` (fp32), forward or forward+backward.
 
-    Dominated by N×C×(2r+1)^k×|S| tensors (the unfolded probabilities and their product with the
-    kernel) and, while the kernel is built, the N×F×(2r+1)^k×|S| unfolded features.
+    Dominated by N×C×(2r+1)^q×|Ω| tensors (the unfolded probabilities and their product with the
+    kernel) and, while the kernel is built, the N×F×(2r+1)^q×|Ω| unfolded features.
     """
     window = (2 * radius + 1) ** len(spatial)
     pixels = n * window * math.prod(spatial)

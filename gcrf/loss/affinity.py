@@ -23,7 +23,7 @@ __all__ = ["affinity_from_prepared", "affinity_of_config", "gaussian_affinity", 
 
 
 def affinity_from_prepared(prepared: PreparedInputs, backend: str = "auto") -> Tensor:
-    """Dense window affinity N×(2r+1)^k×*S of prepared inputs (see :func:`gaussian_affinity`)."""
+    """Dense window affinity N×(2r+1)^q×*Ω of prepared inputs (see :func:`gaussian_affinity`)."""
     probs = prepared.pairwise.probs
     core = get_backend(choose_backend(backend, probs, probs.dim() - 2))
     return core.window_affinity(prepared.window)
@@ -68,7 +68,7 @@ def gaussian_affinity(
         backend: as for the loss.
 
     Shape:
-        Returns N×(2r+1)^k×*size without ``pixels``: entry ``[n, o, i]`` is the affinity between
+        Returns N×(2r+1)^q×*size without ``pixels``: entry ``[n, o, i]`` is the affinity between
         pixel ``i`` and ``i + offset_o`` (offsets row-major over the window, see
         :func:`gcrf.loss.torch_backend.window_offsets`); with ``pixels`` (P of them):
         N×P×(2r+1)×(2r+1) (×(2r+1) for volumes), the window centred on each pixel. Entries for

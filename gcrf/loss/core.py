@@ -109,7 +109,7 @@ def window_message(window: GatedWindow, field: Tensor, backend: str = "auto") ->
     """The message ``M_i = Σ_{j∈W(i)} G_ij K_ij v_j`` of a field (docs/math.md#message).
 
     Differentiable w.r.t. ``field`` (the backward is the same filter with the gate transposed);
-    the affinity is never stored, memory O(N·C·|S|).
+    the affinity is never stored, memory O(N·C·|Ω|).
 
     Args:
         window: the gated window, e.g. from :func:`gated_window`.
@@ -117,7 +117,7 @@ def window_message(window: GatedWindow, field: Tensor, backend: str = "auto") ->
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (:func:`gcrf.loss.choose_backend`).
 
     Shape:
-        field: N×C×*S with the window's N and S → N×C×*S.
+        field: N×C×*Ω with the window's N and Ω → N×C×*Ω.
 
     Returns:
         ``M``, float32 (float64 for a float64 field).

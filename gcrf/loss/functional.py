@@ -59,7 +59,7 @@ DEFAULT_KERNELS: tuple[dict[str, float], ...] = ({"weight": 1.0, "xy": 6.0, "rgb
 POSITION_KEYS: dict[int, str] = {2: "xy", 3: "xyz"}
 #: A kernel descriptor: ``{"weight": w, "xy": σ_xy, "rgb": σ_rgb, ...}``.
 KernelDescriptor = Mapping[str, float]
-#: A downsampler: ``f(tensor N×D×*S_in, size tuple) -> N×D×*size``, e.g. ``F.adaptive_max_pool2d``.
+#: A downsampler: ``f(tensor N×D×*Ω_in, size tuple) -> N×D×*size``, e.g. ``F.adaptive_max_pool2d``.
 Downsampler = Callable[[Tensor, tuple[int, ...]], Tensor]
 
 
@@ -265,7 +265,7 @@ class PreparedInputs:
 
 
 def _check_prediction(tensor: Any, what: str) -> None:
-    """The N×C×*S prediction (``what``: "probs" for the loss, "logits" for the CRF)."""
+    """The N×C×*Ω prediction (``what``: "probs" for the loss, "logits" for the CRF)."""
     if not isinstance(tensor, Tensor):
         raise TypeError(f"{what} must be a torch.Tensor; got {type(tensor).__name__}")
     if tensor.dtype not in FLOAT_DTYPES:
@@ -467,7 +467,7 @@ def prepare_features(
 ) -> tuple[Tensor, tuple[tuple[int, int], ...]]:
     """Each kernel's modalities resized to the prediction size, divided by σ, concatenated.
 
-    Returns the N×F×*S feature tensor (float32, float64 for float64 probs; F may be 0) and each
+    Returns the N×F×*Ω feature tensor (float32, float64 for float64 probs; F may be 0) and each
     kernel's ``[start, stop)`` channel range in it.
     """
     size = tuple(probs.shape[2:])
@@ -548,7 +548,7 @@ def prepare_window(
     """Validate the data tensors and build the gated window at the prediction's size.
 
     Features (:func:`prepare_features`) and gates (:func:`prepare_gates`) are resized to the
-    spatial size of ``prediction`` (N×C×*S: the loss's probabilities, the CRF's logits; only its
+    spatial size of ``prediction`` (N×C×*Ω: the loss's probabilities, the CRF's logits; only its
     shape, device and dtype are read), in its accumulation dtype. ``what`` names it in errors.
     """
     _check_prediction(prediction, what)
@@ -612,7 +612,7 @@ def gated_crf_loss(
     backend: str = "auto",
 ) -> Tensor:
     """Gated CRF loss (Obukhov et al., arXiv:1906.04651): ``S / D`` of docs/math.md#loss, exact,
-    with memory O(N·C·|S|).
+    with memory O(N·C·|Ω|).
 
     Args:
         probs: class probabilities (softmax output) at the prediction resolution; the only input

@@ -116,7 +116,7 @@ class GatedCRFLoss(nn.Module):
             mask_src, mask_dst: the gates passed to :meth:`forward`.
 
         Shape:
-            Returns N×(2r+1)^k×*size.
+            Returns N×(2r+1)^q×*size.
         """
         return affinity_of_config(
             features, self.config, size=size, mask_src=mask_src, mask_dst=mask_dst,
