@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -43,6 +42,9 @@ from gcrf.kernels.window import (
     check_field,
     check_type,
 )
+
+#: A window's constant tables: kernel channel slices, weights, per-axis position scales, radius.
+Tables = tuple[tuple[tuple[int, int], ...], tuple[float, ...], tuple[tuple[float, ...], ...], int]
 
 __all__ = [
     "GatedWindow",
@@ -172,7 +174,7 @@ def _as_region_tensor(
 
 
 def _half_window(
-    window: GatedWindow,
+    spatial_shape: Sequence[int], tables: Tables
 ) -> list[tuple[int, tuple[slice, ...], tuple[slice, ...], list[float]]]:
     """The half window, offset by offset: for every offset after the centre (row-major) that has
     pairs inside the image, its index in :func:`window_offsets`, the two sides of its pairs and its
@@ -184,15 +186,15 @@ def _half_window(
     (:func:`_pair_affinity`) inside its loop and drops it before the next offset, so the affinity
     of the whole window is never held at once.
     """
-    spatial_shape = window.spatial_shape
-    offsets = window_offsets(window.radius, len(spatial_shape))
+    _, kernel_weights, kernel_pos_scales, radius = tables
+    offsets = window_offsets(radius, len(spatial_shape))
     pairs = []
     for index in range(len(offsets) // 2 + 1, len(offsets)):
         offset = offsets[index]
         sides = _pair_slices(offset, spatial_shape)
         if sides is None:
             continue
-        coefficients = _offset_coefficients(offset, window.kernel_weights, window.kernel_pos_scales)
+        coefficients = _offset_coefficients(offset, kernel_weights, kernel_pos_scales)
         if not any(coefficients):
             continue
         pairs.append((index, *sides, coefficients))
@@ -212,24 +214,36 @@ def _pair_affinity(
 
 
 def _window_tensors(
-    window: GatedWindow, acc: torch.dtype
+    features: Tensor, mask_src: Tensor | None, mask_dst: Tensor | None, acc: torch.dtype
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The window's features and gates in the accumulation dtype (gates None where absent)."""
-    features = window.features.to(acc)
-    m_src = None if window.mask_src is None else window.mask_src.to(acc)
-    m_dst = None if window.mask_dst is None else window.mask_dst.to(acc)
+    features = features.to(acc)
+    m_src = None if mask_src is None else mask_src.to(acc)
+    m_dst = None if mask_dst is None else mask_dst.to(acc)
     return features, m_src, m_dst
 
 
+def _tables(window: GatedWindow) -> Tables:
+    """The window's constant tables as one plain tuple: what the autograd Functions take, so that a
+    ``torch.compile`` trace passes constants through instead of rebuilding a GatedWindow."""
+    return (window.kernel_slices, window.kernel_weights, window.kernel_pos_scales, window.radius)
+
+
 def _sweep(
-    probs: Tensor, window: GatedWindow, compatibility: Tensor | None, both_sides: bool
+    probs: Tensor,
+    features: Tensor,
+    mask_src: Tensor | None,
+    mask_dst: Tensor | None,
+    tables: Tables,
+    compatibility: Tensor | None,
+    both_sides: bool,
 ) -> tuple[Tensor, Tensor]:
     """One sweep over the half window. Returns (S, ∂S/∂y) or (S, M_i) when ``both_sides`` is False.
 
     ``probs`` is already in the accumulation dtype; the algebra is that of docs/math.md#message.
     """
     acc = probs.dtype
-    features, m_src, m_dst = _window_tensors(window, acc)
+    features, m_src, m_dst = _window_tensors(features, mask_src, mask_dst, acc)
     gated = m_src is not None or m_dst is not None
 
     if compatibility is None:
@@ -249,8 +263,8 @@ def _sweep(
 
     message = torch.zeros_like(probs)
     gate_sums: list[Tensor] = []
-    for _, side_i, side_j, coefficients in _half_window(window):
-        affinity = _pair_affinity(features, side_i, side_j, window.kernel_slices, coefficients)
+    for _, side_i, side_j, coefficients in _half_window(features.shape[2:], tables):
+        affinity = _pair_affinity(features, side_i, side_j, tables[0], coefficients)
         if compatibility is None:
             # Potts: w = (G_ij + G_ji) K_ij, the weight of the unordered pair.
             if m_src is None and m_dst is None:
@@ -296,10 +310,21 @@ class _PairwiseSum(torch.autograd.Function):
     """S with its gradient computed in the same sweep (module docstring)."""
 
     @staticmethod
-    def forward(ctx, probs: Tensor, window: GatedWindow, compatibility: Tensor | None) -> Tensor:
+    def forward(
+        ctx,
+        probs: Tensor,
+        features: Tensor,
+        mask_src: Tensor | None,
+        mask_dst: Tensor | None,
+        tables: Tables,
+        compatibility: Tensor | None,
+    ) -> Tensor:
         acc = accumulation_dtype(probs.dtype)
         needs_grad = ctx.needs_input_grad[0]
-        total, grad = _sweep(_flush(probs.to(acc)), window, compatibility, both_sides=needs_grad)
+        total, grad = _sweep(
+            _flush(probs.to(acc)), features, mask_src, mask_dst, tables, compatibility,
+            both_sides=needs_grad,
+        )  # fmt: skip
         if needs_grad:
             ctx.save_for_backward(grad)
         ctx.probs_dtype = probs.dtype
@@ -310,7 +335,7 @@ class _PairwiseSum(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         (grad,) = ctx.saved_tensors
         grad_probs = (grad * grad_out.to(grad.dtype)).to(ctx.probs_dtype)
-        return grad_probs, None, None
+        return grad_probs, None, None, None, None, None
 
 
 def gated_crf_pairwise_sum(inputs: PairwiseInputs) -> Tensor:
@@ -334,7 +359,11 @@ def gated_crf_pairwise_sum(inputs: PairwiseInputs) -> Tensor:
         >>> s = gated_crf_pairwise_sum(PairwiseInputs(y, window))
     """
     check_type("inputs", inputs, PairwiseInputs)
-    return _PairwiseSum.apply(inputs.probs, inputs.window, inputs.compatibility)
+    window = inputs.window
+    return _PairwiseSum.apply(
+        inputs.probs, window.features, window.mask_src, window.mask_dst, _tables(window),
+        inputs.compatibility,
+    )  # fmt: skip
 
 
 def window_affinity(window: GatedWindow) -> Tensor:
@@ -357,10 +386,11 @@ def window_affinity(window: GatedWindow) -> Tensor:
         torch.Size([1, 9, 8, 8])
     """
     check_type("window", window, GatedWindow)
-    features, m_src, m_dst = _window_tensors(window, accumulation_dtype(window.features.dtype))
+    acc = accumulation_dtype(window.features.dtype)
+    features, m_src, m_dst = _window_tensors(window.features, window.mask_src, window.mask_dst, acc)
     count = window.num_offsets
     out = features.new_zeros((features.shape[0], count, *features.shape[2:]))
-    for index, side_i, side_j, coefficients in _half_window(window):
+    for index, side_i, side_j, coefficients in _half_window(window.spatial_shape, _tables(window)):
         affinity = _pair_affinity(features, side_i, side_j, window.kernel_slices, coefficients)
         # [o, i] holds G_ij K_ij with j = i + δ; the mirrored offset −δ (index count−1−o) at j holds
         # G_ji K_ji = m_dst(j) m_src(i) K_ij.
@@ -378,16 +408,22 @@ def window_affinity(window: GatedWindow) -> Tensor:
     return out
 
 
-def _message(field: Tensor, window: GatedWindow) -> Tensor:
+def _message(
+    field: Tensor,
+    features: Tensor,
+    mask_src: Tensor | None,
+    mask_dst: Tensor | None,
+    tables: Tables,
+) -> Tensor:
     """``M_i = m_dst(i) Σ_j K_ij m_src(j) v_j`` over the half window, both directions per pair."""
     acc = accumulation_dtype(field.dtype)
-    features, m_src, m_dst = _window_tensors(window, acc)
+    features, m_src, m_dst = _window_tensors(features, mask_src, mask_dst, acc)
     source = _flush(field.to(acc))
     if m_src is not None:
         source = source * m_src
     message = torch.zeros_like(source)
-    for _, side_i, side_j, coefficients in _half_window(window):
-        affinity = _pair_affinity(features, side_i, side_j, window.kernel_slices, coefficients)
+    for _, side_i, side_j, coefficients in _half_window(features.shape[2:], tables):
+        affinity = _pair_affinity(features, side_i, side_j, tables[0], coefficients)
         message[side_i].addcmul_(source[side_j], affinity)
         message[side_j].addcmul_(source[side_i], affinity)
     if m_dst is not None:
@@ -401,19 +437,28 @@ class _WindowMessage(torch.autograd.Function):
     differentiable)."""
 
     @staticmethod
-    def forward(ctx, field: Tensor, window: GatedWindow) -> Tensor:
-        ctx.window = window
+    def forward(
+        ctx,
+        field: Tensor,
+        features: Tensor,
+        mask_src: Tensor | None,
+        mask_dst: Tensor | None,
+        tables: Tables,
+    ) -> Tensor:
+        ctx.save_for_backward(features, mask_src, mask_dst)
+        ctx.tables = tables
         ctx.field_dtype = field.dtype
-        return _message(field, window)
+        return _message(field, features, mask_src, mask_dst, tables)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        features, mask_src, mask_dst = ctx.saved_tensors
         grad_field = None
         if ctx.needs_input_grad[0]:
-            window = ctx.window
-            transposed = replace(window, mask_src=window.mask_dst, mask_dst=window.mask_src)
-            grad_field = _WindowMessage.apply(grad_out, transposed).to(ctx.field_dtype)
-        return grad_field, None
+            grad_field = _WindowMessage.apply(
+                grad_out, features, mask_dst, mask_src, ctx.tables
+            ).to(ctx.field_dtype)
+        return grad_field, None, None, None, None
 
 
 def window_message(window: GatedWindow, field: Tensor) -> Tensor:
@@ -438,4 +483,6 @@ def window_message(window: GatedWindow, field: Tensor) -> Tensor:
         torch.Size([1, 4, 8, 8])
     """
     check_field(window, field)
-    return _WindowMessage.apply(field, window)
+    return _WindowMessage.apply(
+        field, window.features, window.mask_src, window.mask_dst, _tables(window)
+    )
