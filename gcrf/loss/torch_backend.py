@@ -105,18 +105,16 @@ def _offset_coefficients(
     return coefficients
 
 
-def _offset_affinity(
+def _pair_affinity(
     features: Tensor,
     side_i: tuple[slice, ...],
     side_j: tuple[slice, ...],
     kernel_slices: Sequence[tuple[int, int]],
     coefficients: Sequence[float],
-) -> Tensor | float:
-    """K_ij for all pairs (i in ``side_i``, j = i + δ in ``side_j``): N×1×region, or a float.
-
-    A float is returned when no kernel with a non-zero coefficient has feature channels (K then
-    depends on the offset only).
-    """
+) -> Tensor:
+    """K_ij of one offset's pairs (i in ``side_i``, j = i + δ in ``side_j``): N×1×region, in the
+    features' dtype. Where no kernel with a non-zero coefficient has feature channels, K depends on
+    the offset only and the region is filled with that constant (rare)."""
     constant = 0.0
     affinity: Tensor | None = None
     squared: Tensor | None = None
@@ -139,7 +137,8 @@ def _offset_affinity(
             term = term.mul_(coefficient)
         affinity = term if affinity is None else affinity.add_(term)
     if affinity is None:
-        return constant
+        shape = (features.shape[0], 1, *features[side_i].shape[2:])
+        return torch.full(shape, constant, dtype=features.dtype, device=features.device)
     if constant != 0.0:
         affinity = affinity.add_(constant)
     return affinity
@@ -161,16 +160,6 @@ def _flush(tensor: Tensor) -> Tensor:
     Out of place: the input may be the caller's tensor.
     """
     return torch.where(tensor.abs() < torch.finfo(tensor.dtype).tiny, 0.0, tensor)
-
-
-def _as_region_tensor(
-    affinity: Tensor | float, reference: Tensor, side: tuple[slice, ...], dtype: torch.dtype
-) -> Tensor:
-    """Turn a constant affinity into an N×1×region tensor (rare: kernels without feature channels)."""
-    if isinstance(affinity, Tensor):
-        return affinity
-    shape = (reference.shape[0], 1, *reference[side].shape[2:])
-    return torch.full(shape, affinity, dtype=dtype, device=reference.device)
 
 
 def _half_window(
@@ -199,18 +188,6 @@ def _half_window(
             continue
         pairs.append((index, *sides, coefficients))
     return pairs
-
-
-def _pair_affinity(
-    features: Tensor,
-    side_i: tuple[slice, ...],
-    side_j: tuple[slice, ...],
-    kernel_slices: Sequence[tuple[int, int]],
-    coefficients: Sequence[float],
-) -> Tensor:
-    """``K_ij`` of one offset's pairs as an N×1×region tensor in the features' dtype."""
-    affinity = _offset_affinity(features, side_i, side_j, kernel_slices, coefficients)
-    return _as_region_tensor(affinity, features, side_i, features.dtype)
 
 
 def _window_tensors(
